@@ -1,0 +1,5 @@
+import sys
+
+from idgate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,186 @@
+"""`build_app(config)`: the one place where the stages are wired together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from idgate.audit.writer import AuditWriter
+from idgate.config import Config, IssuerConfig, SpiffeIssuerConfig, load_config
+from idgate.errors import IdgateError, MethodNotAllowed, NotFound
+from idgate.identity.authenticator import Authenticator
+from idgate.identity.devissuer import DevIssuer, dev_issuer_config
+from idgate.identity.issuers import OidcIssuer, SpiffeIssuer, TokenIssuer
+from idgate.identity.keys import JWKSLoader, KeySet, file_loader, http_loader
+from idgate.identity.pseudonym import Pseudonyms
+from idgate.policy.decision import ModelAccessAuthorizer
+from idgate.providers.base import Provider
+from idgate.providers.demo import DemoProvider
+from idgate.providers.openai import OpenAIProvider
+from idgate.proxy.api import Gateway, Route
+from idgate.proxy.http import Receive, Request, Scope, Send, send_error, send_json
+
+__all__ = ["IdgateApp", "app_from_environment", "build_app"]
+
+log = logging.getLogger("idgate")
+
+Handler = Callable[[Request, Send], Awaitable[None]]
+
+
+class _SharedSession:
+    """One aiohttp session for fetching keys, opened when the loop runs."""
+
+    def __init__(self) -> None:
+        self.session: aiohttp.ClientSession | None = None
+
+    def __call__(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            self.session = aiohttp.ClientSession()
+        return self.session
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+def _keyset(config: IssuerConfig | SpiffeIssuerConfig, fetch: _SharedSession, use: str) -> KeySet:
+    loader: JWKSLoader
+    if config.jwks_file is not None:
+        loader = file_loader(config.jwks_file)
+    elif isinstance(config, IssuerConfig) and config.discovery:
+        loader = http_loader(fetch, config.issuer, discovery=True)
+    elif config.jwks_uri is not None:
+        loader = http_loader(fetch, config.jwks_uri, discovery=False)
+    else:
+        loader = _no_keys
+    return KeySet(
+        config.name,
+        loader,
+        use=use,
+        refetch_interval=config.refetch_interval_seconds,
+        cache_ttl=config.cache_ttl_seconds,
+    )
+
+
+async def _no_keys() -> dict[str, Any]:
+    return {"keys": []}
+
+
+def _issuers(config: Config, fetch: _SharedSession) -> list[TokenIssuer]:
+    audiences = config.server.accepted_audiences
+    issuers: list[TokenIssuer] = []
+    if config.dev_issuer.enabled:
+        DevIssuer(config).ensure_key()
+        dev = dev_issuer_config(config)
+        issuers.append(OidcIssuer(dev, _keyset(dev, fetch, "sig"), audiences, credential_kind="dev"))
+    for item in config.issuers:
+        secret = item.hmac_secret.reveal() if item.hmac_secret is not None else None
+        issuers.append(OidcIssuer(item, _keyset(item, fetch, "sig"), audiences, secret))
+    for domain in config.spiffe:
+        issuers.append(SpiffeIssuer(domain, _keyset(domain, fetch, "jwt-svid"), audiences))
+    return issuers
+
+
+def _providers(config: Config) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
+    for item in config.providers:
+        if item.type == "demo":
+            field = None if item.identity_field == "none" else item.identity_field
+            providers[item.name] = DemoProvider(item.name, field)
+        else:
+            key = item.api_key.reveal() if item.api_key is not None else None
+            providers[item.name] = OpenAIProvider(item, key)
+    return providers
+
+
+class IdgateApp:
+    """The ASGI application: routes, lifespan, and the last line of error handling."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._fetch = _SharedSession()
+        self.providers = _providers(config)
+        routes = {m.name: Route(m, self.providers[m.provider]) for m in config.models}
+        self.audit = AuditWriter(config.audit_path, config.audit.flush_interval_seconds)
+        self.authenticator = Authenticator(_issuers(config, self._fetch), clock_skew=config.server.clock_skew_seconds)
+        self.gateway = Gateway(
+            authenticator=self.authenticator,
+            authorizer=ModelAccessAuthorizer({m.name: m for m in config.models}),
+            routes=routes,
+            audit=self.audit,
+            pseudonyms=Pseudonyms.from_state(config.home),
+            max_body_bytes=config.server.max_body_bytes,
+        )
+        self._routes: dict[str, dict[str, Handler]] = {
+            "/v1/chat/completions": {"POST": self.gateway.chat_completions},
+            "/v1/embeddings": {"POST": self.gateway.embeddings},
+            "/v1/models": {"GET": self.gateway.models},
+            "/healthz": {"GET": self._healthz},
+            "/readyz": {"GET": self._readyz},
+        }
+
+    async def startup(self) -> None:
+        self.audit.start()
+        for provider in self.providers.values():
+            await provider.start()
+
+    async def shutdown(self) -> None:
+        for provider in self.providers.values():
+            await provider.close()
+        await self._fetch.close()
+        self.audit.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        methods = self._routes.get(request.path)
+        handler = methods.get(request.method) if methods is not None else None
+        try:
+            if methods is None:
+                raise NotFound(f"no endpoint at `{request.path[:100]}`")
+            if handler is None:
+                raise MethodNotAllowed(f"`{request.path}` accepts {', '.join(methods)}")
+            await handler(request, send)
+        except IdgateError as error:
+            await send_error(send, error, request.id)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # noqa: BLE001 - reported to the server, which stops
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _healthz(self, request: Request, send: Send) -> None:
+        await send_json(send, 200, {"status": "ok"}, request.id)
+
+    async def _readyz(self, request: Request, send: Send) -> None:
+        ready = self.audit.healthy
+        body = {"status": "ready" if ready else "not ready", "checks": {"audit": ready}}
+        await send_json(send, 200 if ready else 503, body, request.id)
+
+
+def build_app(config: Config) -> IdgateApp:
+    return IdgateApp(config)
+
+
+def app_from_environment() -> IdgateApp:
+    """Factory for `uvicorn --factory` and `idgate serve --workers N` (reads `IDGATE_CONFIG`)."""
+    return build_app(load_config())

@@ -1,0 +1,156 @@
+"""`idgate ...`: serve, mint development tokens, check configurations."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+import yaml
+
+from idgate.config import Config, config_schema, load_config, with_listen
+from idgate.errors import ConfigError
+from idgate.identity.devissuer import DevIssuer
+from idgate.identity.pseudonym import Pseudonyms
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idgate", description="identity-aware gateway for LLM and tool access")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the gateway (no config: the embedded development profile)")
+    serve.add_argument("--config", help="YAML config file (default: $IDGATE_CONFIG, else the embedded default)")
+    serve.add_argument("--host", help="address to listen on (overrides server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default 1)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    token = commands.add_parser("token", help="print a token from the development issuer")
+    token.add_argument("--config", help="YAML config file (default: $IDGATE_CONFIG, else the embedded default)")
+    token.add_argument("--sub", default="dev-user", help="subject id (default dev-user)")
+    token.add_argument("--kind", default="human", choices=["human", "service", "agent"])
+    token.add_argument("--tenant", help="tenant (default: dev_issuer.tenant)")
+    token.add_argument(
+        "--act",
+        action="append",
+        default=[],
+        metavar="AGENT",
+        help="an agent acting for the subject; repeat for a chain, outermost first",
+    )
+    token.add_argument("--group", action="append", default=[], help="a group of the subject; repeatable")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+
+    config = commands.add_parser("config", help="check a config or print its JSON schema")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate FILE and say exactly what is wrong and where")
+    check.add_argument("file")
+    config_commands.add_parser("schema", help="print the JSON schema of the config file")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    config = with_listen(load_config(args.config), args.host, args.port)
+    # Keys are created here, once, before any worker starts.
+    if config.dev_issuer.enabled:
+        DevIssuer(config).ensure_key()
+    Pseudonyms.from_state(config.home)
+    _print_welcome(config)
+    options = {
+        "host": config.server.host,
+        "port": config.server.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,
+        "log_level": args.log_level,
+        "timeout_graceful_shutdown": 10,
+    }
+    if args.workers <= 1:
+        from idgate.app import build_app
+
+        uvicorn.run(build_app(config), **options)
+        return 0
+    # Workers load exactly the config validated here, from a file in the state folder.
+    effective = config.home / "effective-config.yaml"
+    data = config.model_dump(mode="json", exclude_none=True)
+    data["state"] = {"home": str(config.home)}
+    effective.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.environ["IDGATE_CONFIG"] = str(effective)
+    uvicorn.run("idgate.app:app_from_environment", factory=True, workers=args.workers, **options)
+    return 0
+
+
+def _print_welcome(config: Config) -> None:
+    url = config.server.url
+    lines = [f"idgate: serving on {url}", f"idgate: state in {config.home}"]
+    if config.dev_issuer.enabled:
+        home = f"IDGATE_HOME={config.home} " if os.environ.get("IDGATE_HOME") else ""
+        models = ", ".join(m.name for m in config.models) or "none"
+        first_model = config.models[0].name if config.models else "MODEL"
+        lines += [
+            "idgate: development issuer is ON (turn it off in production)",
+            f"idgate: models: {models}",
+            "",
+            "  try it:",
+            f"    export OPENAI_API_KEY=$({home}.venv/bin/idgate token --sub alice)",
+            f"    export OPENAI_BASE_URL={url}/v1",
+            '    curl -s $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" \\',
+            "      -H 'Content-Type: application/json' \\",
+            f'      -d \'{{"model": "{first_model}", "messages": [{{"role": "user", "content": "hi"}}]}}\'',
+            "",
+        ]
+    print("\n".join(lines), flush=True)
+
+
+def _token(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    issuer = DevIssuer(config)
+    print(
+        issuer.mint(
+            args.sub,
+            kind=args.kind,
+            tenant=args.tenant,
+            actors=tuple(args.act),
+            groups=tuple(args.group),
+            ttl=args.ttl,
+        )
+    )
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.config_command == "schema":
+        sys.stdout.write(orjson.dumps(config_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    path = Path(args.file)
+    load_config(path, env={"IDGATE_HOME": os.environ.get("IDGATE_HOME", ".idgate")})
+    print(f"{path}: ok")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "token":
+            return _token(args)
+        return _config(args)
+    except ConfigError as error:
+        where = f"{getattr(args, 'file', None) or getattr(args, 'config', None) or 'config'}"
+        for problem in error.problems:
+            print(f"idgate: {where}: {problem}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

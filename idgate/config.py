@@ -1,0 +1,414 @@
+"""Configuration: one YAML file, validated once into frozen typed objects.
+
+This is the only module that reads the environment (`IDGATE_HOME`,
+`IDGATE_CONFIG`, and the variables that secrets name). Everything else receives
+a `Config` and never looks elsewhere.
+
+A bad file is refused with the path of every bad key and what was expected, for
+example ``providers[0].api_key: secrets are not allowed inline; use `{env: NAME}`
+or `{file: PATH}` ``. `idgate config schema` prints the JSON schema.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from idgate.errors import ConfigError
+
+__all__ = [
+    "AuditConfig",
+    "ClaimsConfig",
+    "Config",
+    "DevIssuerConfig",
+    "IssuerConfig",
+    "KindRule",
+    "ModelConfig",
+    "ProviderConfig",
+    "SecretRef",
+    "ServerConfig",
+    "SpiffeIssuerConfig",
+    "SpiffeRule",
+    "TimeoutConfig",
+    "config_schema",
+    "default_config",
+    "load_config",
+    "parse_config",
+]
+
+ASYMMETRIC_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+Algorithm = Literal[
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+    "HS256",
+    "HS384",
+    "HS512",
+]
+Kind = Literal["human", "service", "agent"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SecretRef(_Frozen):
+    """Where a secret lives: an environment variable or a file, never the YAML."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of `env` or `file`")
+        return self
+
+    def reveal(self) -> str:
+        """Read the secret now; a missing one is a `ConfigError`."""
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if not value:
+                raise ConfigError([f"secret: environment variable `{self.env}` is not set"])
+            return value
+        assert self.file is not None
+        try:
+            return self.file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError([f"secret: file `{self.file}` cannot be read: {exc.strerror}"]) from None
+
+
+def _no_inline_secret(value: Any) -> Any:
+    if isinstance(value, str):
+        raise ValueError("secrets are not allowed inline; use `{env: NAME}` or `{file: PATH}`")
+    return value
+
+
+class ServerConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    public_url: str | None = Field(
+        None, description="the URL callers use to reach the gateway; default http://HOST:PORT"
+    )
+    audiences: tuple[str, ...] = Field(
+        (), description="audiences a token must carry to be accepted; default the public URL"
+    )
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    clock_skew_seconds: int = Field(60, ge=0, le=600)
+
+    @property
+    def url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def accepted_audiences(self) -> tuple[str, ...]:
+        return self.audiences or (self.url,)
+
+
+class StateConfig(_Frozen):
+    home: Path | None = Field(None, description="state folder; default $IDGATE_HOME or ./.idgate")
+
+
+class DevIssuerConfig(_Frozen):
+    """The development issuer: a local key in the state folder, for trying idgate out."""
+
+    enabled: bool = False
+    tenant: str = "demo"
+    max_ttl_seconds: int = Field(24 * 3600, gt=0)
+
+
+class KindRule(_Frozen):
+    """Gives `kind` to principals whose `claim` is present (or equals `equals`)."""
+
+    claim: str
+    equals: str | None = None
+    kind: Kind
+
+
+class ClaimsConfig(_Frozen):
+    """How an issuer's claims become a principal."""
+
+    subject: str = "sub"
+    tenant: str | None = Field("tenant", description="claim holding the tenant")
+    default_tenant: str | None = Field(None, description="tenant when the claim is absent")
+    groups: str | None = "groups"
+    kind: str | None = Field("kind", description="claim holding human|service|agent")
+    kind_rules: tuple[KindRule, ...] = ()
+    default_kind: Kind = "human"
+
+
+class _IssuerBase(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    jwks_uri: str | None = None
+    jwks_file: Path | None = None
+    audiences: tuple[str, ...] = Field((), description="default: the server's audiences")
+    algorithms: tuple[Algorithm, ...] = ASYMMETRIC_ALGORITHMS  # type: ignore[assignment]
+    refetch_interval_seconds: float = Field(
+        30.0, ge=0, description="an unknown `kid` refetches the keys at most this often"
+    )
+    cache_ttl_seconds: float = Field(300.0, gt=0, description="keys are refetched after this")
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one algorithm is needed")
+        return value
+
+
+class IssuerConfig(_IssuerBase):
+    """A trusted OIDC/JWT issuer."""
+
+    issuer: str
+    discovery: bool = Field(False, description="find `jwks_uri` in ISSUER/.well-known/openid-configuration")
+    hmac_secret: Annotated[SecretRef | None, Field(None)] = None
+    claims: ClaimsConfig = ClaimsConfig()
+
+    _check_secret = field_validator("hmac_secret", mode="before")(_no_inline_secret)
+
+    @model_validator(mode="after")
+    def _key_source(self) -> IssuerConfig:
+        hmac = [a for a in self.algorithms if a in HMAC_ALGORITHMS]
+        if hmac and self.hmac_secret is None:
+            raise ValueError(f"algorithms {hmac} need `hmac_secret`")
+        if not hmac and self.hmac_secret is not None:
+            raise ValueError("`hmac_secret` is set but no HMAC algorithm is allowed")
+        sources = sum(x for x in (self.discovery, self.jwks_uri is not None, self.jwks_file is not None))
+        if sources > 1:
+            raise ValueError("give only one of `discovery`, `jwks_uri` or `jwks_file`")
+        if sources == 0 and not hmac:
+            raise ValueError("give one of `discovery: true`, `jwks_uri` or `jwks_file`")
+        return self
+
+
+class SpiffeRule(_Frozen):
+    """SPIFFE IDs whose path starts with `path_prefix` are of `kind` (and `tenant`)."""
+
+    path_prefix: str = Field(pattern=r"^/")
+    kind: Kind
+    tenant: str | None = None
+
+
+class SpiffeIssuerConfig(_IssuerBase):
+    """A SPIFFE trust domain whose JWT-SVIDs are accepted."""
+
+    trust_domain: str = Field(pattern=r"^[a-z0-9._-]+$")
+    tenant: str | None = Field(None, description="tenant of its workloads unless a rule says")
+    rules: tuple[SpiffeRule, ...] = ()
+    default_kind: Kind = "service"
+    algorithms: tuple[Algorithm, ...] = (
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES384",
+        "ES512",
+    )
+
+    @model_validator(mode="after")
+    def _bundle(self) -> SpiffeIssuerConfig:
+        if (self.jwks_uri is None) == (self.jwks_file is None):
+            raise ValueError("give exactly one of `jwks_uri` or `jwks_file` (the trust bundle)")
+        if any(a in HMAC_ALGORITHMS or a == "EdDSA" for a in self.algorithms):
+            raise ValueError("JWT-SVIDs are signed with RS, PS or ES algorithms only")
+        return self
+
+
+class TimeoutConfig(_Frozen):
+    connect: float = Field(5.0, gt=0)
+    read: float = Field(120.0, gt=0, description="longest wait for the next bytes from upstream")
+
+
+class ProviderConfig(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    type: Literal["openai", "demo"]
+    base_url: str | None = Field(None, description="e.g. https://api.openai.com/v1")
+    api_key: Annotated[SecretRef | None, Field(None)] = None
+    timeout: TimeoutConfig = TimeoutConfig()
+    max_connections: int = Field(100, gt=0)
+    identity_field: Literal["user", "safety_identifier", "none"] = Field(
+        "user", description="request field that carries the caller's pseudonymous id"
+    )
+    location: Literal["internal", "external"] = "external"
+
+    _check_secret = field_validator("api_key", mode="before")(_no_inline_secret)
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> ProviderConfig:
+        if self.type == "openai" and not self.base_url:
+            raise ValueError("an `openai` provider needs `base_url`")
+        return self
+
+
+class ModelConfig(_Frozen):
+    name: str
+    provider: str
+    upstream_model: str | None = Field(None, description="name at the provider; default `name`")
+    kind: Literal["chat", "embedding"] = "chat"
+    tenants: tuple[str, ...] = Field(("*",), description="tenants that may use it; `*` for all")
+    kinds: tuple[Kind, ...] = ("human", "service", "agent")
+
+    @property
+    def target(self) -> str:
+        return self.upstream_model or self.name
+
+
+class AuditConfig(_Frozen):
+    path: Path | None = Field(None, description="SQLite file; default STATE/audit.db")
+    flush_interval_seconds: float = Field(0.005, gt=0, le=1)
+
+
+class Config(_Frozen):
+    server: ServerConfig = ServerConfig()
+    state: StateConfig = StateConfig()
+    dev_issuer: DevIssuerConfig = DevIssuerConfig()
+    issuers: tuple[IssuerConfig, ...] = ()
+    spiffe: tuple[SpiffeIssuerConfig, ...] = ()
+    providers: tuple[ProviderConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+    audit: AuditConfig = AuditConfig()
+    # Filled in by load_config from the environment; not part of the file.
+    home: Path = Field(Path(".idgate"), exclude=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        providers = {p.name for p in self.providers}
+        for i, model in enumerate(self.models):
+            if model.provider not in providers:
+                known = ", ".join(f"`{p}`" for p in sorted(providers)) or "none"
+                raise ValueError(
+                    f"models[{i}].provider: provider `{model.provider}` is not defined; defined providers: {known}"
+                )
+        for field, items in (("providers", self.providers), ("models", self.models)):
+            names = [item.name for item in items]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{field}: duplicate names {dupes}")
+        issuer_names = [i.name for i in (*self.issuers, *self.spiffe)]
+        if len(set(issuer_names)) != len(issuer_names):
+            raise ValueError("issuers/spiffe: names must be unique")
+        if not self.dev_issuer.enabled and not self.issuers and not self.spiffe:
+            raise ValueError("no way to authenticate: configure `issuers`, `spiffe` or `dev_issuer`")
+        return self
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit.path or self.home / "audit.db"
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "tagged-union")):
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def _problems(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "literal_error" and "expected" in item.get("ctx", {}):
+            message = f"expected one of {item['ctx']['expected']}"
+        problems.append(f"{_location(tuple(item['loc']))}: {message}")
+    return problems
+
+
+def _home(env: Mapping[str, str], configured: Path | None) -> Path:
+    return (configured or Path(env.get("IDGATE_HOME") or ".idgate")).expanduser().resolve()
+
+
+def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
+    """Validate already-loaded YAML data; raise `ConfigError` listing every problem."""
+    env = os.environ if env is None else env
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): expected a mapping of settings"])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc)) from None
+    return config.model_copy(update={"home": _home(env, config.state.home)})
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load FILE, or `$IDGATE_CONFIG`, or the embedded default when neither is given."""
+    env = os.environ if env is None else env
+    path = path or env.get("IDGATE_CONFIG") or None
+    if path is None:
+        return default_config(env)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"config file `{path}` cannot be read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"`{path}` is not valid YAML{where}"]) from None
+    return parse_config(data, env)
+
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "dev_issuer": {"enabled": True, "tenant": "demo"},
+    "providers": [{"name": "demo", "type": "demo", "location": "internal"}],
+    "models": [
+        {"name": "demo-chat", "provider": "demo"},
+        {"name": "demo-chat-mini", "provider": "demo"},
+        {"name": "demo-embed", "provider": "demo", "kind": "embedding"},
+    ],
+}
+
+
+def default_config(env: Mapping[str, str] | None = None) -> Config:
+    """The embedded development profile: works offline on a fresh machine."""
+    return parse_config(DEFAULT_CONFIG, env)
+
+
+def with_listen(config: Config, host: str | None, port: int | None) -> Config:
+    """The same config listening elsewhere (command-line flags win over the file)."""
+    server = config.server.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    return config.model_copy(update={"server": server})
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of the configuration file."""
+    schema = Config.model_json_schema()
+    schema["properties"].pop("home", None)
+    schema["title"] = "idgate configuration"
+    return schema

@@ -1,0 +1,46 @@
+"""What a model provider is to the gateway.
+
+A provider gets a request body that the proxy has already rewritten (upstream
+model name, pseudonymous user id, never a caller's token) and returns the
+upstream's answer: whole (`complete`) or as raw SSE bytes (`stream`). Failures
+are idgate errors (`UpstreamError`, `UpstreamTimeout`) or, for a request the
+upstream itself refused as invalid, `UpstreamRejected` with its status and body.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator
+from typing import Any, Literal
+
+__all__ = ["Endpoint", "Provider", "UpstreamRejected"]
+
+Endpoint = Literal["chat/completions", "embeddings"]
+
+
+class UpstreamRejected(Exception):
+    """The upstream refused the request as the caller's fault (4xx); relayed as is."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+        self.body = body
+
+
+class Provider(ABC):
+    name: str
+    identity_field: str | None = "user"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connection pools; called once the event loop runs."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Close connection pools."""
+
+    @abstractmethod
+    async def complete(self, endpoint: Endpoint, body: dict[str, Any]) -> bytes:
+        """The upstream's JSON answer as bytes."""
+
+    @abstractmethod
+    def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+        """The upstream's SSE bytes; errors before the first chunk mean nothing was sent."""

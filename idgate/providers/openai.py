@@ -1,0 +1,83 @@
+"""An OpenAI-compatible upstream over pooled keep-alive aiohttp connections."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from idgate.config import ProviderConfig
+from idgate.errors import UpstreamError, UpstreamTimeout
+from idgate.providers.base import Endpoint, Provider, UpstreamRejected
+
+__all__ = ["OpenAIProvider"]
+
+# Statuses that mean "your request is wrong": relayed to the caller as they are.
+# Anything else (401/403 of our own key, 5xx, ...) is the upstream's failure: 502.
+_RELAYED = frozenset({400, 404, 409, 413, 415, 422, 429})
+
+
+class OpenAIProvider(Provider):
+    def __init__(self, config: ProviderConfig, api_key: str | None) -> None:
+        assert config.base_url is not None
+        self.name = config.name
+        self.identity_field = None if config.identity_field == "none" else config.identity_field
+        self._base = config.base_url.rstrip("/")
+        self._config = config
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        timeout = self._config.timeout
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._config.max_connections, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(
+                sock_connect=timeout.connect, connect=timeout.connect, sock_read=timeout.read
+            ),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _post(self, endpoint: Endpoint, body: dict[str, Any]) -> Any:
+        if self._session is None:
+            raise UpstreamError(f"upstream `{self.name}` is not started")
+        return self._session.post(f"{self._base}/{endpoint}", data=orjson.dumps(body), headers=self._headers)
+
+    async def _check(self, response: aiohttp.ClientResponse) -> None:
+        if response.status == 200:
+            return
+        body = await response.read()
+        if response.status in _RELAYED:
+            raise UpstreamRejected(response.status, body)
+        raise UpstreamError(f"upstream `{self.name}` failed with status {response.status}")
+
+    async def complete(self, endpoint: Endpoint, body: dict[str, Any]) -> bytes:
+        try:
+            async with self._post(endpoint, body) as response:
+                await self._check(response)
+                answer: bytes = await response.read()
+                return answer
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamTimeout(f"upstream `{self.name}` did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream `{self.name}` cannot be reached: {type(exc).__name__}") from None
+
+    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+        try:
+            async with self._post(endpoint, body) as response:
+                await self._check(response)
+                async for chunk in response.content.iter_any():
+                    yield chunk
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamTimeout(f"upstream `{self.name}` did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream `{self.name}` broke off: {type(exc).__name__}") from None

@@ -1,0 +1,238 @@
+"""The OpenAI-compatible endpoints, and the pipeline every call goes through.
+
+    identity ─► parse ─► policy ─► forward ─► response
+        └──────────┴─────────┴─────────┴──────────┴──► audit record
+
+Each call: the bearer token becomes a `Caller` (401 otherwise); the body is
+read within the size limit and parsed (400/413); the model is looked up (404);
+the authorizer decides (403 with the decision id); the request goes upstream
+with the upstream model name and a pseudonymous user id, never the caller's
+token (502/504 on failure); and one audit record tells how it went.
+Fields the gateway does not act on (`tools`, `tool_choice`,
+`response_format`, anything new) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+import orjson
+
+from idgate.audit.records import RequestFacts, request_record
+from idgate.audit.writer import AuditWriter
+from idgate.config import ModelConfig
+from idgate.errors import BadRequest, Forbidden, IdgateError, UnknownModel, UpstreamError, shown
+from idgate.identity.authenticator import Authenticator
+from idgate.identity.principal import Caller
+from idgate.identity.pseudonym import Pseudonyms
+from idgate.policy.decision import Authorizer, Resource
+from idgate.providers.base import Endpoint, Provider, UpstreamRejected
+from idgate.proxy.http import Request, Send, error_payload, send_bytes, send_error, send_json
+
+__all__ = ["Gateway", "Route"]
+
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_DONE = b"data: [DONE]"
+
+
+class Route:
+    """A model as the gateway serves it: its config and its provider."""
+
+    __slots__ = ("model", "provider")
+
+    def __init__(self, model: ModelConfig, provider: Provider) -> None:
+        self.model = model
+        self.provider = provider
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        authenticator: Authenticator,
+        authorizer: Authorizer,
+        routes: Mapping[str, Route],
+        audit: AuditWriter,
+        pseudonyms: Pseudonyms,
+        max_body_bytes: int,
+    ) -> None:
+        self._authenticator = authenticator
+        self._authorizer = authorizer
+        self._routes = routes
+        self._audit = audit
+        self._pseudonyms = pseudonyms
+        self._max_body = max_body_bytes
+
+    # -- endpoints -----------------------------------------------------------------
+
+    async def chat_completions(self, request: Request, send: Send) -> None:
+        await self._call(request, send, "chat/completions", "chat")
+
+    async def embeddings(self, request: Request, send: Send) -> None:
+        await self._call(request, send, "embeddings", "embedding")
+
+    async def models(self, request: Request, send: Send) -> None:
+        facts = RequestFacts(request.id, request.method, request.path)
+        try:
+            caller = facts.caller = await self._authenticator.authenticate(request.header(b"authorization"))
+            listed = [
+                {"id": name, "object": "model", "created": 0, "owned_by": route.provider.name}
+                for name, route in self._routes.items()
+                if self._authorizer.authorize(caller, "invoke_model", Resource("model", name), {}).allowed
+            ]
+            self._audit.emit(self._finish(facts, 200))
+        except IdgateError as error:
+            await self._refuse(send, facts, error)
+            return
+        await send_json(send, 200, {"object": "list", "data": listed}, request.id)
+
+    # -- the pipeline ----------------------------------------------------------------
+
+    async def _call(self, request: Request, send: Send, endpoint: Endpoint, kind: str) -> None:
+        facts = RequestFacts(request.id, request.method, request.path)
+        try:
+            facts.caller = await self._authenticator.authenticate(request.header(b"authorization"))
+            body = await request.json_object(self._max_body)
+            route = self._route(body, kind, facts)
+            self._authorize(facts.caller, route, facts)
+            self._audit.check()  # fail closed: nothing goes upstream that could not be recorded
+            upstream_body = self._upstream_body(body, route, facts.caller)
+            if facts.stream:
+                await self._relay_stream(send, route, endpoint, upstream_body, facts)
+                return
+            answer = await route.provider.complete(endpoint, upstream_body)
+            facts.usage = _usage(answer)
+            # INVARIANT: the record is handed to the writer before the caller gets the answer;
+            # if the writer cannot take it, the caller gets a 503 instead.
+            self._audit.emit(self._finish(facts, 200))
+        except UpstreamRejected as rejected:
+            facts.error_code = "upstream_rejected"
+            self._audit_quietly(self._finish(facts, rejected.status))
+            await send_bytes(send, rejected.status, rejected.body, request.id)
+            return
+        except IdgateError as error:
+            await self._refuse(send, facts, error)
+            return
+        await send_bytes(send, 200, answer, request.id)
+
+    def _route(self, body: dict[str, Any], kind: str, facts: RequestFacts) -> Route:
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise BadRequest("`model` must be a non-empty string")
+        facts.model = name
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest("`stream` must be true or false")
+        facts.stream = stream
+        route = self._routes.get(name)
+        if route is None or route.model.kind != kind:
+            raise UnknownModel(f"model `{shown(name)}` does not exist or is not a {kind} model")
+        facts.provider, facts.upstream_model = route.provider.name, route.model.target
+        return route
+
+    def _authorize(self, caller: Caller, route: Route, facts: RequestFacts) -> None:
+        decision = self._authorizer.authorize(caller, "invoke_model", Resource("model", route.model.name), {})
+        facts.decision = decision
+        if not decision.allowed:
+            raise Forbidden(f"access to model `{route.model.name}` is refused ({decision.reason})")
+
+    def _upstream_body(self, body: dict[str, Any], route: Route, caller: Caller) -> dict[str, Any]:
+        upstream = dict(body)
+        upstream["model"] = route.model.target
+        field = route.provider.identity_field
+        if field is not None:
+            # The only trace of the caller upstream; a client-supplied value is overwritten.
+            upstream[field] = self._pseudonyms.of(caller.subject)
+        return upstream
+
+    async def _relay_stream(
+        self, send: Send, route: Route, endpoint: Endpoint, body: dict[str, Any], facts: RequestFacts
+    ) -> None:
+        chunks = route.provider.stream(endpoint, body)
+        try:
+            first = await anext(chunks)  # upstream errors surface here, before any byte is sent
+        except StopAsyncIteration:
+            first = b""
+        except BaseException:
+            await chunks.aclose()
+            raise
+        facts.first_byte_ms = round((time.perf_counter() - facts.started_mono) * 1000, 3)
+        headers = [*_SSE_HEADERS, (b"x-request-id", facts.request_id.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        facts.status = 200
+        tail = await self._pump(send, first, chunks, facts)
+        if _DONE not in tail:
+            error = UpstreamError(f"upstream `{route.provider.name}` ended the stream early")
+            facts.error_code, facts.error = error.code, error.message
+            await send({"type": "http.response.body", "body": _error_event(error, facts), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._audit_quietly(self._finish(facts, 200))
+
+    async def _pump(self, send: Send, first: bytes, chunks: AsyncGenerator[bytes, None], facts: RequestFacts) -> bytes:
+        """Relay chunks as they come; returns the stream's last bytes (to spot `[DONE]`)."""
+        tail = b""
+        chunk = first
+        try:
+            while True:
+                if chunk:
+                    if b'"usage"' in chunk:
+                        facts.usage = _stream_usage(tail + chunk) or facts.usage
+                    tail = (tail + chunk)[-64:]
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return tail
+        except IdgateError as error:
+            facts.error_code, facts.error = error.code, error.message
+            await send({"type": "http.response.body", "body": _error_event(error, facts), "more_body": True})
+            return _DONE  # the error event ends the stream
+        finally:
+            await chunks.aclose()
+
+    # -- endings -------------------------------------------------------------------
+
+    def _finish(self, facts: RequestFacts, status: int) -> dict[str, Any]:
+        facts.status = status
+        return request_record(facts)
+
+    def _audit_quietly(self, record: dict[str, Any]) -> None:
+        """Record after the answer went out; a failing store shows on the next request."""
+        with contextlib.suppress(IdgateError):
+            self._audit.emit(record)
+
+    async def _refuse(self, send: Send, facts: RequestFacts, error: IdgateError) -> None:
+        facts.error_code, facts.error = error.code, error.message
+        decision_id = facts.decision.id if facts.decision is not None and not facts.decision.allowed else None
+        self._audit_quietly(self._finish(facts, error.status))
+        await send_error(send, error, facts.request_id, decision_id)
+
+
+def _usage(answer: bytes) -> dict[str, Any] | None:
+    try:
+        usage = orjson.loads(answer).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def _stream_usage(data: bytes) -> dict[str, Any] | None:
+    for line in reversed(data.split(b"\n")):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            try:
+                usage = orjson.loads(line[6:]).get("usage")
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(usage, dict):
+                return usage
+    return None
+
+
+def _error_event(error: IdgateError, facts: RequestFacts) -> bytes:
+    return b"data: " + orjson.dumps(error_payload(error, facts.request_id)) + b"\n\n"
