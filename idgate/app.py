@@ -78,7 +78,7 @@ def _issuers(config: Config, fetch: _SharedSession) -> list[TokenIssuer]:
         dev = dev_issuer_config(config)
         issuers.append(OidcIssuer(dev, _keyset(dev, fetch, "sig"), audiences, credential_kind="dev"))
     for item in config.issuers:
-        secret = item.hmac_secret.reveal() if item.hmac_secret is not None else None
+        secret = config.reveal(item.hmac_secret) if item.hmac_secret is not None else None
         issuers.append(OidcIssuer(item, _keyset(item, fetch, "sig"), audiences, secret))
     for domain in config.spiffe:
         issuers.append(SpiffeIssuer(domain, _keyset(domain, fetch, "jwt-svid"), audiences))
@@ -92,7 +92,7 @@ def _providers(config: Config) -> dict[str, Provider]:
             field = None if item.identity_field == "none" else item.identity_field
             providers[item.name] = DemoProvider(item.name, field)
         else:
-            key = item.api_key.reveal() if item.api_key is not None else None
+            key = config.reveal(item.api_key) if item.api_key is not None else None
             providers[item.name] = OpenAIProvider(item, key)
     return providers
 

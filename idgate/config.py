@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from idgate.errors import ConfigError
 
@@ -88,10 +88,10 @@ class SecretRef(_Frozen):
             raise ValueError("give exactly one of `env` or `file`")
         return self
 
-    def reveal(self) -> str:
+    def reveal(self, env: Mapping[str, str]) -> str:
         """Read the secret now; a missing one is a `ConfigError`."""
         if self.env is not None:
-            value = os.environ.get(self.env)
+            value = env.get(self.env)
             if not value:
                 raise ConfigError([f"secret: environment variable `{self.env}` is not set"])
             return value
@@ -296,6 +296,11 @@ class Config(_Frozen):
     audit: AuditConfig = AuditConfig()
     # Filled in by load_config from the environment; not part of the file.
     home: Path = Field(Path(".idgate"), exclude=True)
+    _env: Mapping[str, str] = PrivateAttr(default_factory=dict)
+
+    def reveal(self, secret: SecretRef) -> str:
+        """The value of a secret, from the environment the config was loaded with."""
+        return secret.reveal(self._env)
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -362,7 +367,9 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_problems(exc)) from None
-    return config.model_copy(update={"home": _home(env, config.state.home)})
+    config = config.model_copy(update={"home": _home(env, config.state.home)})
+    config._env = env
+    return config
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:

@@ -1,0 +1,271 @@
+"""Real servers on loopback for the tests: a token issuer, an upstream, the gateway.
+
+Each runs in its own thread with its own event loop and is stopped by the
+fixture that started it. Nothing here reaches beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import uvicorn
+from aiohttp import web
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
+
+from idgate.app import IdgateApp, build_app
+from idgate.audit.writer import read_records
+from idgate.config import parse_config
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; `run(coro)` waits for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+class AiohttpServer:
+    """An aiohttp web application served on a free loopback port."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._app = app
+        self._loop = LoopThread()
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+        self._loop.run(self._start())
+
+    async def _start(self) -> None:
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    def stop(self) -> None:
+        self._loop.run(self._runner.cleanup())
+        self._loop.stop()
+
+
+class TestIssuer:
+    """An OIDC-style issuer: discovery document and JWKS over HTTP, tokens on demand."""
+
+    __test__ = False
+
+    def __init__(self, algorithm: str = "RS256") -> None:
+        self.algorithm = algorithm
+        self.keys: list[RSAKey | ECKey] = [self._new_key()]
+        self.jwks_requests = 0
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", self._discovery)
+        app.router.add_get("/jwks", self._jwks)
+        self.server = AiohttpServer(app)
+        self.issuer = self.server.url
+        self.jwks_uri = f"{self.server.url}/jwks"
+
+    def _new_key(self) -> RSAKey | ECKey:
+        key: RSAKey | ECKey
+        if self.algorithm.startswith("ES"):
+            key = ECKey.generate_key("P-256", parameters={"use": "sig"})
+        else:
+            key = RSAKey.generate_key(2048, parameters={"use": "sig"})
+        key.ensure_kid()
+        return key
+
+    async def _discovery(self, request: web.Request) -> web.Response:
+        return web.json_response({"issuer": self.issuer, "jwks_uri": self.jwks_uri})
+
+    async def _jwks(self, request: web.Request) -> web.Response:
+        self.jwks_requests += 1
+        return web.json_response({"keys": [k.as_dict(private=False) for k in self.keys]})
+
+    def rotate(self, keep_old: bool = False) -> None:
+        """A new current key; the old one stays published only if `keep_old`."""
+        new = self._new_key()
+        self.keys = [new, *self.keys] if keep_old else [new]
+
+    def mint(
+        self,
+        claims: dict[str, Any] | None = None,
+        *,
+        key: RSAKey | ECKey | None = None,
+        header: dict[str, Any] | None = None,
+        ttl: int = 300,
+        audience: str | list[str] = "idgate-test",
+    ) -> str:
+        now = int(time.time())
+        key = key or self.keys[0]
+        body = {"iss": self.issuer, "sub": "alice", "aud": audience, "iat": now, "exp": now + ttl, "tenant": "acme"}
+        body.update(claims or {})
+        head = {"alg": self.algorithm, "kid": key.kid, "typ": "JWT", **(header or {})}
+        return jwt.encode(head, {k: v for k, v in body.items() if v is not None}, key)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@dataclass
+class Upstream:
+    """An OpenAI-compatible upstream that records what reached it.
+
+    `mode` picks its behaviour: "ok", "error500", "slow" (sleeps `delay`),
+    "cut" (a stream that breaks off after two events), "hang-stream" (sends
+    one event, then nothing).
+    """
+
+    mode: str = "ok"
+    delay: float = 5.0
+    received: list[dict[str, Any]] = field(default_factory=list)
+    server: AiohttpServer | None = None
+
+    def start(self) -> Upstream:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        self.server = AiohttpServer(app)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"{self.server.url}/v1"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    async def _record(self, request: web.Request) -> dict[str, Any]:
+        body: dict[str, Any] = orjson.loads(await request.read())
+        self.received.append({"headers": dict(request.headers), "body": body})
+        return body
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        if self.mode == "error500":
+            return web.json_response({"error": {"message": "boom"}}, status=500)
+        if self.mode == "slow":
+            await asyncio.sleep(self.delay)
+        if body.get("stream"):
+            return await self._stream(request, body)
+        return web.json_response(_completion(body))
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        words = ["the", "upstream", "says", "hello"]
+        for i, word in enumerate(words):
+            chunk = {
+                "id": "chatcmpl-up",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": {"content": (" " if i else "") + word}, "finish_reason": None}],
+            }
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            if i == 1 and self.mode == "cut":
+                assert request.transport is not None
+                request.transport.close()  # the connection dies mid-stream
+                return response
+            if i == 0 and self.mode == "hang-stream":
+                await asyncio.sleep(self.delay)
+        usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        final = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+        await response.write(b"data: " + orjson.dumps({**final, "choices": [], "usage": usage}) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}],
+                "model": body["model"],
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            }
+        )
+
+
+def _completion(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-up",
+        "object": "chat.completion",
+        "created": 1,
+        "model": body["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "upstream says hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+    }
+
+
+class Gateway:
+    """idgate itself, under uvicorn on a free port, in a thread."""
+
+    def __init__(self, config: dict[str, Any], home: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {**config, "server": {"port": self.port, "audiences": ["idgate-test"], **config.get("server", {})}}
+        self.config = parse_config(config, {"IDGATE_HOME": str(home), **(env or {})})
+        self.app: IdgateApp = build_app(self.config)
+        server_config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, lifespan="on", access_log=False, log_level="warning"
+        )
+        self.server = uvicorn.Server(server_config)
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("gateway did not start")
+            time.sleep(0.01)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The audit records written so far (after letting the writer catch up)."""
+        self.app.audit.flush()
+        return read_records(self.config.audit_path)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(10)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
