@@ -77,5 +77,8 @@ def test_models_lists_only_what_the_caller_may_use(gateway: Gateway, issuer: Tes
 
 
 def test_unknown_model_is_404(gateway: Gateway, issuer: TestIssuer) -> None:
-    with sdk(gateway, issuer.mint()) as client, pytest.raises(openai.NotFoundError, match="model `nope` does not exist"):
+    with (
+        sdk(gateway, issuer.mint()) as client,
+        pytest.raises(openai.NotFoundError, match="model `nope` does not exist"),
+    ):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
