@@ -174,7 +174,7 @@ class _IssuerBase(_Frozen):
 
     @field_validator("algorithms")
     @classmethod
-    def _asymmetric_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
             raise ValueError("at least one algorithm is needed")
         return value
@@ -200,8 +200,11 @@ class IssuerConfig(_IssuerBase):
         sources = sum(x for x in (self.discovery, self.jwks_uri is not None, self.jwks_file is not None))
         if sources > 1:
             raise ValueError("give only one of `discovery`, `jwks_uri` or `jwks_file`")
-        if sources == 0 and not hmac:
-            raise ValueError("give one of `discovery: true`, `jwks_uri` or `jwks_file`")
+        asymmetric = [a for a in self.algorithms if a not in HMAC_ALGORITHMS]
+        if asymmetric and sources == 0:
+            raise ValueError(
+                f"algorithms {asymmetric} need a key source: give one of `discovery: true`, `jwks_uri` or `jwks_file`"
+            )
         return self
 
 

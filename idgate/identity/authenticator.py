@@ -1,14 +1,15 @@
 """From an `Authorization` header to a verified `Caller`.
 
 The steps, each a refusal when it fails: a well-formed compact JWS; no key
-carried by the token itself (`jwk`, `jku`, `x5u`); a trusted issuer (by `iss`,
+carried by the token itself (`jwk`, `jku`, `x5u`, `x5c`); a trusted issuer (by `iss`,
 or by the trust domain of a SPIFFE ID in `sub`); an algorithm that issuer
 allows (never `none`, HMAC only when configured); a known key; a valid
 signature; `exp`, `nbf`, `iat` within the clock skew; an accepted audience.
 
 A verified token is cached by its SHA-256 until it expires, so the hot path
 does not verify signatures again; a cache hit still checks expiry and that the
-signing key has not been removed from the issuer's key set.
+signing key has not been removed from the issuer's key set (also for a token
+without `kid`, verified by the issuer's only key: the cache remembers which).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from idgate.identity.principal import Caller
 
 __all__ = ["Authenticator", "bearer_token"]
 
-_EMBEDDED_KEY_HEADERS = ("jwk", "jku", "x5u")
+_EMBEDDED_KEY_HEADERS = ("jwk", "jku", "x5u", "x5c")
 
 
 def bearer_token(authorization: bytes | None) -> str:
@@ -120,7 +121,7 @@ class Authenticator:
             raise InvalidToken("token header `kid` must be a string")
         if isinstance(issuer, SpiffeIssuer):
             self._check_svid_header(header, kid)
-        key = await issuer.key(alg, kid)
+        key_id, key = await issuer.key(alg, kid)
         try:
             jws.deserialize_compact(token, key, algorithms=[alg])
         except (JoseError, ValueError, TypeError):
@@ -128,7 +129,7 @@ class Authenticator:
         expires_at = self._check_times(claims, now)
         issuer.check_audience(claims)
         caller = issuer.caller(claims, "sha256:" + digest[:8].hex(), expires_at)
-        return _Verified(caller, expires_at, issuer, kid if not alg.startswith("HS") else None)
+        return _Verified(caller, expires_at, issuer, key_id)
 
     def _issuer(self, claims: dict[str, Any]) -> TokenIssuer:
         iss = claims.get("iss")
@@ -152,7 +153,7 @@ class Authenticator:
             raise InvalidToken("JWT-SVID header has no `kid`")
         typ = header.get("typ")
         if typ is not None and typ not in ("JWT", "JOSE"):
-            raise InvalidToken(f"JWT-SVID header `typ` `{typ}` must be `JWT` or `JOSE`")
+            raise InvalidToken(f"JWT-SVID header `typ` `{shown(typ)}` must be `JWT` or `JOSE`")
 
     def _check_times(self, claims: dict[str, Any], now: float) -> float:
         exp = claims.get("exp")

@@ -72,12 +72,13 @@ class TokenIssuer:
         self.audiences = frozenset(audiences)
         self._hmac_key = hmac_key
 
-    async def key(self, alg: str, kid: str | None) -> VerifyKey:
+    async def key(self, alg: str, kid: str | None) -> tuple[str | None, VerifyKey]:
+        """The key that verifies `alg`, and its id in the key set (None for the HMAC secret)."""
         if alg.startswith("HS"):
             if self._hmac_key is None:  # pragma: no cover - config forbids it
                 raise InvalidToken(f"issuer `{self.name}` has no HMAC secret")
-            return self._hmac_key
-        return await self.keys.key(kid)
+            return None, self._hmac_key
+        return await self.keys.resolve(kid)
 
     def check_audience(self, claims: dict[str, Any]) -> None:
         aud = claims.get("aud")
@@ -175,8 +176,14 @@ class SpiffeIssuer(TokenIssuer):
         kind: Kind = self.config.default_kind
         tenant = self.config.tenant
         for rule in self.config.rules:
-            if spiffe_id.path == rule.path_prefix.rstrip("/") or spiffe_id.path.startswith(rule.path_prefix):
+            if _under(spiffe_id.path, rule.path_prefix):
                 kind, tenant = rule.kind, rule.tenant or tenant
                 break
         principal = Principal(kind, str(spiffe_id), tenant, f"spiffe://{self.trust_domain}")
         return Caller(principal, self._credential(claims, token_id, expires_at), actor_chain(claims))
+
+
+def _under(path: str, prefix: str) -> bool:
+    """Whether `path` is `prefix` or below it, by whole segments: `/agents` covers `/agents/a1`, not `/agentsmith`."""
+    base = prefix.rstrip("/")
+    return path == base or path.startswith(base + "/")

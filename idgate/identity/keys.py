@@ -4,6 +4,12 @@ Keys come from a local JWKS file, a `jwks_uri`, or OIDC discovery. They are
 cached for `cache_ttl_seconds`; a token naming an unknown `kid` triggers one
 refetch, at most every `refetch_interval_seconds`. A failed fetch keeps the keys
 already known and never turns into an allow: with no key, there is no token.
+Requests that arrive while a fetch is running wait for it and share its result
+rather than queueing fetches of their own.
+
+Only public signing keys of the set's `use` are taken. A SPIFFE trust bundle
+(`use` other than `sig`) must mark each key: `"use": "jwt-svid"` keys verify
+JWT-SVIDs, `x509-svid` keys and unmarked keys do not.
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ def http_loader(session: Callable[[], aiohttp.ClientSession], url: str, discover
         jwks_url = url
         if discovery:
             document = await _get_json(session(), url.rstrip("/") + "/.well-known/openid-configuration")
+            if document.get("issuer") != url:
+                # OpenID Connect Discovery 1.0 §4.3: the document must be the issuer's own.
+                raise OSError(f"discovery document at `{url}` names another issuer: `{shown(document.get('issuer'))}`")
             jwks_uri = document.get("jwks_uri")
             if not isinstance(jwks_uri, str):
                 raise OSError(f"discovery document of `{url}` has no `jwks_uri`")
@@ -100,11 +109,16 @@ class KeySet:
 
     async def key(self, kid: str | None) -> VerifyKey:
         """The key for `kid`; refetches once when it is unknown or the cache is stale."""
+        return (await self.resolve(kid))[1]
+
+    async def resolve(self, kid: str | None) -> tuple[str, VerifyKey]:
+        """The key for `kid` and its id in the set (the one key of the set when `kid` is None)."""
         now = self._clock()
         if self._fetched_at is None or now - self._fetched_at > self._cache_ttl:
             await self._refresh(force=self._fetched_at is None)
         found = self._find(kid)
-        if found is None and await self._refresh(force=False):
+        if found is None:
+            await self._refresh(force=False)
             found = self._find(kid)
         if found is None:
             if not self._keys:
@@ -113,14 +127,18 @@ class KeySet:
             raise InvalidToken(f"signing key `{named}` is not known for issuer `{self.name}`")
         return found
 
-    def _find(self, kid: str | None) -> VerifyKey | None:
+    def _find(self, kid: str | None) -> tuple[str, VerifyKey] | None:
         if kid is None:
             # INVARIANT: without a `kid` only an issuer with exactly one key can be matched.
-            return next(iter(self._keys.values())) if len(self._keys) == 1 else None
-        return self._keys.get(kid)
+            return next(iter(self._keys.items())) if len(self._keys) == 1 else None
+        key = self._keys.get(kid)
+        return None if key is None else (kid, key)
 
     async def _refresh(self, force: bool) -> bool:
         """Refetch unless one was tried within the refetch interval; True if keys changed."""
+        if self._lock.locked():
+            async with self._lock:
+                return False  # a fetch was running: its result stands for this request too
         async with self._lock:
             now = self._clock()
             if not force and self._tried_at is not None and now - self._tried_at < self._refetch_interval:
@@ -145,13 +163,16 @@ class KeySet:
         if not isinstance(entries, list):
             raise ValueError("JWKS has no `keys` list")
         keys: dict[str, VerifyKey] = {}
+        # A SPIFFE bundle must say what each key is for; a JWKS may leave `use` out.
+        default_use = self._use if self._use == "sig" else None
         for index, entry in enumerate(entries):
-            if not isinstance(entry, dict) or entry.get("use", self._use) != self._use:
+            if not isinstance(entry, dict) or entry.get("use", default_use) != self._use:
                 continue
             if entry.get("kty") == "oct" or "d" in entry:
                 continue  # never accept symmetric or private keys from a key set
             try:
-                key = jwk.import_key(entry)
+                # joserfc knows only `sig` and `enc`: the use was checked above, so import it as `sig`.
+                key = jwk.import_key({**entry, "use": "sig"})
             except (JoseError, ValueError, TypeError) as exc:
                 log.warning("issuer %s: key %d skipped: %s", self.name, index, exc)
                 continue
