@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
@@ -20,6 +22,22 @@ from idgate.identity.pseudonym import Pseudonyms
 __all__ = ["main"]
 
 
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"`{text}` is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"`{text}` is out of range; expected {low} to {high}")
+        return value
+
+    parse.__name__ = "number"  # argparse names the type in its own messages
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idgate", description="identity-aware gateway for LLM and tool access")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -27,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the gateway (no config: the embedded development profile)")
     serve.add_argument("--config", help="YAML config file (default: $IDGATE_CONFIG, else the embedded default)")
     serve.add_argument("--host", help="address to listen on (overrides server.host)")
-    serve.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default 1)")
+    serve.add_argument("--port", type=_bounded(0, 65535), help="port to listen on (overrides server.port)")
+    serve.add_argument(
+        "--workers", type=_bounded(1, 1024), default=1, help="worker processes sharing the port (default 1)"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     token = commands.add_parser("token", help="print a token from the development issuer")
@@ -62,7 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
     if config.dev_issuer.enabled:
         DevIssuer(config).ensure_key()
     Pseudonyms.from_state(config.home)
-    _print_welcome(config)
+    _print_welcome(config, args.config)
     options = {
         "host": config.server.host,
         "port": config.server.port,
@@ -88,19 +108,34 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_welcome(config: Config) -> None:
+def _token_command(config: Config, config_file: str | None) -> str:
+    """A shell command, runnable from any folder, that mints a token this gateway accepts."""
+    script = Path(sys.executable).with_name("idgate")  # the venv's console script, not resolved
+    if shutil.which("idgate") == str(script):
+        command = "idgate"
+    elif script.exists():
+        command = shlex.quote(str(script))
+    else:
+        command = f"{shlex.quote(sys.executable)} -m idgate"
+    config_file = config_file or os.environ.get("IDGATE_CONFIG") or None
+    if config_file is not None:
+        command += f" --config {shlex.quote(str(Path(config_file).resolve()))}"
+    # The key lives in the state folder, which would otherwise depend on the folder the command runs in.
+    return f"IDGATE_HOME={shlex.quote(str(config.home))} {command} token --sub alice"
+
+
+def _print_welcome(config: Config, config_file: str | None) -> None:
     url = config.server.url
     lines = [f"idgate: serving on {url}", f"idgate: state in {config.home}"]
     if config.dev_issuer.enabled:
-        home = f"IDGATE_HOME={config.home} " if os.environ.get("IDGATE_HOME") else ""
         models = ", ".join(m.name for m in config.models) or "none"
-        first_model = config.models[0].name if config.models else "MODEL"
+        first_model = next((m.name for m in config.models if m.kind == "chat"), "MODEL")
         lines += [
             "idgate: development issuer is ON (turn it off in production)",
             f"idgate: models: {models}",
             "",
             "  try it:",
-            f"    export OPENAI_API_KEY=$({home}.venv/bin/idgate token --sub alice)",
+            f"    export OPENAI_API_KEY=$({_token_command(config, config_file)})",
             f"    export OPENAI_BASE_URL={url}/v1",
             '    curl -s $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" \\',
             "      -H 'Content-Type: application/json' \\",

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from idgate.config import Config
 from tests.support import Gateway, TestIssuer, Upstream
 
 UPSTREAM_KEY = "sk-upstream-secret-not-for-callers"
@@ -53,7 +54,7 @@ def base_config(issuer: TestIssuer, upstream: Upstream) -> dict[str, Any]:
 def make_gateway(tmp_path: Path) -> Iterator[MakeGateway]:
     started: list[Gateway] = []
 
-    def make(config: dict[str, Any], env: dict[str, str] | None = None) -> Gateway:
+    def make(config: dict[str, Any] | Config, env: dict[str, str] | None = None) -> Gateway:
         gateway = Gateway(config, tmp_path / f"home{len(started)}", {"TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})})
         started.append(gateway)
         return gateway

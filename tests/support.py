@@ -7,13 +7,16 @@ fixture that started it. Nothing here reaches beyond 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 import uvicorn
@@ -23,7 +26,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 from idgate.app import IdgateApp, build_app
 from idgate.audit.writer import read_records
-from idgate.config import parse_config
+from idgate.config import Config, parse_config, with_listen
 
 T = TypeVar("T")
 
@@ -47,9 +50,17 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        self.run(_cancel_all(), timeout=5)  # e.g. a handler still sleeping for a client that left
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self.loop.close()
+
+
+async def _cancel_all() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class AiohttpServer:
@@ -135,12 +146,16 @@ class Upstream:
 
     `mode` picks its behaviour: "ok", "error500", "slow" (sleeps `delay`),
     "cut" (a stream that breaks off after two events), "hang-stream" (sends
-    one event, then nothing).
+    one event, then nothing), "drip" (a stream of one event every 50 ms for
+    `delay` seconds; `abandoned` is set if the reader leaves), "redirect" (a
+    307 to another URL, which answers normally), or "errorNNN" for any other status: an
+    OpenAI-shaped error body with that status (e.g. "error400", "error401").
     """
 
     mode: str = "ok"
     delay: float = 5.0
     received: list[dict[str, Any]] = field(default_factory=list)
+    abandoned: threading.Event = field(default_factory=threading.Event)  # "drip": the reader went away
     server: AiohttpServer | None = None
 
     def start(self) -> Upstream:
@@ -166,8 +181,15 @@ class Upstream:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)
+        if self.mode == "redirect" and "moved" not in request.query:
+            # Somewhere else (here, the same route, marked): a gateway must not follow.
+            raise web.HTTPTemporaryRedirect(f"{self.url}/chat/completions?moved=1")
         if self.mode == "error500":
             return web.json_response({"error": {"message": "boom"}}, status=500)
+        if self.mode.startswith("error"):
+            status = int(self.mode.removeprefix("error"))
+            headers = {"Retry-After": "7"} if status == 429 else None
+            return web.json_response(upstream_error_body(status), status=status, headers=headers)
         if self.mode == "slow":
             await asyncio.sleep(self.delay)
         if body.get("stream"):
@@ -178,6 +200,8 @@ class Upstream:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         response.enable_chunked_encoding()
         await response.prepare(request)
+        if self.mode == "drip":
+            return await self._drip(response, body)
         words = ["the", "upstream", "says", "hello"]
         for i, word in enumerate(words):
             chunk = {
@@ -201,6 +225,21 @@ class Upstream:
         await response.write_eof()
         return response
 
+    async def _drip(self, response: web.StreamResponse, body: dict[str, Any]) -> web.StreamResponse:
+        """A long generation: one event every 50 ms for `delay` seconds, unless the reader goes away."""
+        deadline = time.monotonic() + self.delay
+        try:
+            while time.monotonic() < deadline:
+                delta = {"index": 0, "delta": {"content": "."}, "finish_reason": None}
+                chunk = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "model": body["model"]}
+                await response.write(b"data: " + orjson.dumps({**chunk, "choices": [delta]}) + b"\n\n")
+                await asyncio.sleep(0.05)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError:
+            self.abandoned.set()
+        return response
+
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await self._record(request)
         return web.json_response(
@@ -211,6 +250,18 @@ class Upstream:
                 "usage": {"prompt_tokens": 1, "total_tokens": 1},
             }
         )
+
+
+def upstream_error_body(status: int) -> dict[str, Any]:
+    """What the upstream says in mode "errorNNN"."""
+    return {
+        "error": {
+            "message": f"upstream refused this request with {status}",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": f"upstream_code_{status}",
+        }
+    }
 
 
 def _completion(body: dict[str, Any]) -> dict[str, Any]:
@@ -229,17 +280,21 @@ def _completion(body: dict[str, Any]) -> dict[str, Any]:
 class Gateway:
     """idgate itself, under uvicorn on a free port, in a thread."""
 
-    def __init__(self, config: dict[str, Any], home: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: dict[str, Any] | Config, home: Path, env: dict[str, str] | None = None) -> None:
+        """`config` is YAML-like data (served with audience `idgate-test`), or a loaded `Config` as is."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = {**config, "server": {"port": self.port, "audiences": ["idgate-test"], **config.get("server", {})}}
-        self.config = parse_config(config, {"IDGATE_HOME": str(home), **(env or {})})
+        if isinstance(config, Config):
+            self.config = with_listen(config, "127.0.0.1", self.port)
+        else:
+            server = {"port": self.port, "audiences": ["idgate-test"], **config.get("server", {})}
+            self.config = parse_config({**config, "server": server}, {"IDGATE_HOME": str(home), **(env or {})})
         self.app: IdgateApp = build_app(self.config)
         server_config = uvicorn.Config(
             self.app, host="127.0.0.1", port=self.port, lifespan="on", access_log=False, log_level="warning"
         )
         self.server = uvicorn.Server(server_config)
-        self._thread = threading.Thread(target=self.server.run, daemon=True)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
@@ -247,10 +302,27 @@ class Gateway:
                 raise RuntimeError("gateway did not start")
             time.sleep(0.01)
 
+    def _serve(self) -> None:
+        # uvicorn exits the process (SystemExit) when start-up fails; here it ends the thread.
+        with contextlib.suppress(SystemExit):
+            self.server.run()
+
     def records(self) -> list[dict[str, Any]]:
         """The audit records written so far (after letting the writer catch up)."""
         self.app.audit.flush()
         return read_records(self.config.audit_path)
+
+    def record(self, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The one audit record of a request (a stream's is written just after its last byte)."""
+        found: list[dict[str, Any]] = []
+
+        def written() -> bool:
+            found[:] = [r for r in self.records() if r["request_id"] == request_id]
+            return bool(found)
+
+        wait_for(written, timeout)
+        assert len(found) == 1, found
+        return found[0]
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -263,3 +335,36 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+def raw_request(
+    url: str,
+    method: str,
+    path: str,
+    body: bytes | Iterable[bytes] | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> RawResponse:
+    """One HTTP/1.1 request with the standard library, bytes and headers exactly as sent and received.
+
+    A `body` given as an iterable of chunks goes out with `Transfer-Encoding: chunked`.
+    """
+    parsed = urlsplit(url)
+    connection = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+        return RawResponse(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    finally:
+        connection.close()

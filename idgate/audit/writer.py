@@ -54,7 +54,8 @@ class AuditWriter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: str | None = None
-        self.written = 0
+        self.emitted = 0  # counted on the event loop's thread
+        self.written = 0  # counted on the writer's thread, after each commit
 
     @property
     def healthy(self) -> bool:
@@ -74,18 +75,22 @@ class AuditWriter:
     def emit(self, record: dict[str, Any]) -> None:
         self.check()
         self._pending.append(record)
+        self.emitted += 1
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait until what was emitted so far is written (tests, shutdown)."""
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until what was emitted so far is committed (tests, shutdown); False if it was not."""
+        target = self.emitted
         deadline = time.monotonic() + timeout
-        while self._pending and time.monotonic() < deadline and self.healthy:
-            time.sleep(self._interval)
-        time.sleep(self._interval * 2)
+        while self.written < target:
+            if not self.healthy or time.monotonic() > deadline:
+                return False
+            time.sleep(self._interval / 2)
+        return True
 
     def _run(self, connection: sqlite3.Connection) -> None:
         try:
@@ -93,9 +98,9 @@ class AuditWriter:
                 time.sleep(self._interval)
                 self._drain(connection)
             self._drain(connection)
-        except sqlite3.Error as exc:
-            self._error = str(exc)
-            log.error("audit store failed, refusing requests: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - any failure to record stops the gateway from acting
+            self._error = f"{type(exc).__name__}: {exc}"
+            log.error("audit store failed, refusing requests: %s", self._error)
         finally:
             connection.close()
 

@@ -19,12 +19,17 @@ Endpoint = Literal["chat/completions", "embeddings"]
 
 
 class UpstreamRejected(Exception):
-    """The upstream refused the request as the caller's fault (4xx); relayed as is."""
+    """The upstream refused the request as the caller's fault (4xx); relayed as is.
 
-    def __init__(self, status: int, body: bytes) -> None:
+    `headers` are the few response headers that tell the caller what to do
+    next (`retry-after` on a 429), relayed with the body.
+    """
+
+    def __init__(self, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(f"upstream answered {status}")
         self.status = status
         self.body = body
+        self.headers = headers
 
 
 class Provider(ABC):

@@ -26,7 +26,7 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
 
 
@@ -47,6 +47,9 @@ class DemoProvider(Provider):
     async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
         if endpoint != "chat/completions":
             raise BadRequest("only chat completions can be streamed")
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise BadRequest('`stream_options` must be an object, e.g. {"include_usage": true}')
         reply = self._chat(body)
         base = {
             "id": reply["id"],
@@ -69,7 +72,7 @@ class DemoProvider(Provider):
             for i, word in enumerate(words):
                 yield event({"content": word if i == 0 else " " + word})
         yield event({}, reply["choices"][0]["finish_reason"])
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if (options or {}).get("include_usage"):
             yield b"data: " + orjson.dumps({**base, "choices": [], "usage": reply["usage"]}) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
@@ -106,6 +109,17 @@ class DemoProvider(Provider):
     @staticmethod
     def _tool_to_call(body: dict[str, Any], said: str) -> str | None:
         tools = body.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise BadRequest("`tools` must be a list")
+        choice = body.get("tool_choice")
+        forced: Any = None
+        if isinstance(choice, dict):
+            forced = choice.get("function")
+            forced = forced.get("name") if isinstance(forced, dict) else None
+            if not isinstance(forced, str):
+                raise BadRequest('`tool_choice` must name a function: {"type": "function", "function": {"name": ...}}')
+        elif choice is not None and choice not in ("none", "auto", "required"):
+            raise BadRequest("`tool_choice` must be `none`, `auto`, `required` or name a function")
         names: list[str] = [
             t["function"]["name"]
             for t in tools or []
@@ -115,12 +129,10 @@ class DemoProvider(Provider):
         ]
         if not names:
             return None
-        choice = body.get("tool_choice")
         if choice == "none":
             return None
-        if isinstance(choice, dict):
-            forced = (choice.get("function") or {}).get("name")
-            return forced if isinstance(forced, str) and forced in names else None
+        if forced is not None:
+            return forced if forced in names else None
         if choice == "required":
             return names[0]
         return next((n for n in names if n in said), None)
@@ -131,7 +143,7 @@ class DemoProvider(Provider):
         if not inputs:
             raise BadRequest("`input` must be a string or a non-empty list")
         dims = body.get("dimensions", 16)
-        if not isinstance(dims, int) or not 1 <= dims <= 1024:
+        if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= 1024:
             raise BadRequest("`dimensions` must be an integer from 1 to 1024")
         data = []
         for index, item in enumerate(inputs):

@@ -17,6 +17,8 @@ __all__ = ["OpenAIProvider"]
 # Statuses that mean "your request is wrong": relayed to the caller as they are.
 # Anything else (401/403 of our own key, 5xx, ...) is the upstream's failure: 502.
 _RELAYED = frozenset({400, 404, 409, 413, 415, 422, 429})
+# Headers relayed with such an answer: how long to back off (the openai SDKs honour both).
+_RELAYED_HEADERS = ("retry-after", "retry-after-ms")
 
 
 class OpenAIProvider(Provider):
@@ -50,14 +52,22 @@ class OpenAIProvider(Provider):
     def _post(self, endpoint: Endpoint, body: dict[str, Any]) -> Any:
         if self._session is None:
             raise UpstreamError(f"upstream `{self.name}` is not started")
-        return self._session.post(f"{self._base}/{endpoint}", data=orjson.dumps(body), headers=self._headers)
+        # No redirects: the request (prompt included) goes to the configured URL and nowhere else.
+        return self._session.post(
+            f"{self._base}/{endpoint}", data=orjson.dumps(body), headers=self._headers, allow_redirects=False
+        )
 
     async def _check(self, response: aiohttp.ClientResponse) -> None:
         if response.status == 200:
             return
         body = await response.read()
         if response.status in _RELAYED:
-            raise UpstreamRejected(response.status, body)
+            headers = tuple(
+                (name.encode(), response.headers[name].encode("latin-1"))
+                for name in _RELAYED_HEADERS
+                if name in response.headers
+            )
+            raise UpstreamRejected(response.status, body, headers)
         raise UpstreamError(f"upstream `{self.name}` failed with status {response.status}")
 
     async def complete(self, endpoint: Endpoint, body: dict[str, Any]) -> bytes:
@@ -72,12 +82,15 @@ class OpenAIProvider(Provider):
             raise UpstreamError(f"upstream `{self.name}` cannot be reached: {type(exc).__name__}") from None
 
     async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+        answering = False
         try:
             async with self._post(endpoint, body) as response:
                 await self._check(response)
+                answering = True
                 async for chunk in response.content.iter_any():
                     yield chunk
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout(f"upstream `{self.name}` did not answer in time") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"upstream `{self.name}` broke off: {type(exc).__name__}") from None
+            what = "broke off" if answering else "cannot be reached"
+            raise UpstreamError(f"upstream `{self.name}` {what}: {type(exc).__name__}") from None

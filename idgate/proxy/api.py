@@ -7,14 +7,20 @@ Each call: the bearer token becomes a `Caller` (401 otherwise); the body is
 read within the size limit and parsed (400/413); the model is looked up (404);
 the authorizer decides (403 with the decision id); the request goes upstream
 with the upstream model name and a pseudonymous user id, never the caller's
-token (502/504 on failure); and one audit record tells how it went.
+token (502/504 on failure; 4xx answers relayed as they are); and one audit
+record tells how it went. A stream that fails midway ends with an SSE error
+event (`data: {"error": ...}`); a caller who leaves a stream ends the upstream
+call; an unexpected exception is a 500 in the same error shape, never a
+traceback.
 Fields the gateway does not act on (`tools`, `tool_choice`,
 `response_format`, anything new) pass through untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -30,9 +36,11 @@ from idgate.identity.principal import Caller
 from idgate.identity.pseudonym import Pseudonyms
 from idgate.policy.decision import Authorizer, Resource
 from idgate.providers.base import Endpoint, Provider, UpstreamRejected
-from idgate.proxy.http import Request, Send, error_payload, send_bytes, send_error, send_json
+from idgate.proxy.http import Receive, Request, Send, error_payload, send_bytes, send_error, send_json
 
 __all__ = ["Gateway", "Route"]
+
+log = logging.getLogger("idgate.proxy")
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -105,7 +113,7 @@ class Gateway:
             self._audit.check()  # fail closed: nothing goes upstream that could not be recorded
             upstream_body = self._upstream_body(body, route, facts.caller)
             if facts.stream:
-                await self._relay_stream(send, route, endpoint, upstream_body, facts)
+                await self._relay_stream(request, send, route, endpoint, upstream_body, facts)
                 return
             answer = await route.provider.complete(endpoint, upstream_body)
             facts.usage = _usage(answer)
@@ -115,10 +123,16 @@ class Gateway:
         except UpstreamRejected as rejected:
             facts.error_code = "upstream_rejected"
             self._audit_quietly(self._finish(facts, rejected.status))
-            await send_bytes(send, rejected.status, rejected.body, request.id)
+            await send_bytes(send, rejected.status, rejected.body, request.id, extra=rejected.headers)
             return
         except IdgateError as error:
             await self._refuse(send, facts, error)
+            return
+        except Exception as exc:  # a bug is a refusal in OpenAI's shape, on record
+            if facts.first_byte_ms is not None:  # a stream has started: nothing more can be said
+                self._audit_quietly(self._finish(facts, facts.status or 200))
+                raise
+            await self._refuse(send, facts, _internal(exc, facts))
             return
         await send_bytes(send, 200, answer, request.id)
 
@@ -130,10 +144,13 @@ class Gateway:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest("`stream` must be true or false")
+        if stream and kind != "chat":
+            raise BadRequest(f"`stream` is not supported for {kind} requests; leave it out or set it to false")
         facts.stream = stream
         route = self._routes.get(name)
         if route is None or route.model.kind != kind:
-            raise UnknownModel(f"model `{shown(name)}` does not exist or is not a {kind} model")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise UnknownModel(f"model `{shown(name)}` does not exist or is not {article} {kind} model")
         facts.provider, facts.upstream_model = route.provider.name, route.model.target
         return route
 
@@ -153,7 +170,13 @@ class Gateway:
         return upstream
 
     async def _relay_stream(
-        self, send: Send, route: Route, endpoint: Endpoint, body: dict[str, Any], facts: RequestFacts
+        self,
+        request: Request,
+        send: Send,
+        route: Route,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        facts: RequestFacts,
     ) -> None:
         chunks = route.provider.stream(endpoint, body)
         try:
@@ -167,7 +190,23 @@ class Gateway:
         headers = [*_SSE_HEADERS, (b"x-request-id", facts.request_id.encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         facts.status = 200
-        tail = await self._pump(send, first, chunks, facts)
+        # The server does not tell a writer that its reader left (uvicorn drops the bytes
+        # silently), so a second task listens for the disconnect: a caller who leaves stops
+        # the upstream generation, instead of the gateway paying for it to the end.
+        pump = asyncio.ensure_future(self._pump(send, first, chunks, facts))
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait((pump, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not pump.done():
+                pump.cancel()
+                await asyncio.wait((pump,))  # let it close the upstream stream
+        if pump.cancelled():
+            facts.error_code, facts.error = "client_disconnected", "the client went away before the stream ended"
+            self._audit_quietly(self._finish(facts, 200))
+            return
+        tail = pump.result()
         if _DONE not in tail:
             error = UpstreamError(f"upstream `{route.provider.name}` ended the stream early")
             facts.error_code, facts.error = error.code, error.message
@@ -189,7 +228,8 @@ class Gateway:
                 chunk = await anext(chunks)
         except StopAsyncIteration:
             return tail
-        except IdgateError as error:
+        except Exception as exc:  # noqa: BLE001 - an upstream failure, or a bug: the stream ends with an error event
+            error = exc if isinstance(exc, IdgateError) else _internal(exc, facts)
             facts.error_code, facts.error = error.code, error.message
             await send({"type": "http.response.body", "body": _error_event(error, facts), "more_body": True})
             return _DONE  # the error event ends the stream
@@ -232,6 +272,18 @@ def _stream_usage(data: bytes) -> dict[str, Any] | None:
             if isinstance(usage, dict):
                 return usage
     return None
+
+
+def _internal(exc: Exception, facts: RequestFacts) -> IdgateError:
+    """An unexpected exception: logged in full here, told to the caller only as a request id."""
+    log.error("request %s failed: %s", facts.request_id, type(exc).__name__, exc_info=exc)
+    return IdgateError(f"the gateway failed on this request; it is logged as `{facts.request_id}`")
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (the request body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _error_event(error: IdgateError, facts: RequestFacts) -> bytes:
