@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -10,7 +11,7 @@ import aiohttp
 
 from idgate.audit.writer import AuditWriter
 from idgate.config import Config, IssuerConfig, SpiffeIssuerConfig, load_config
-from idgate.errors import IdgateError, MethodNotAllowed, NotFound
+from idgate.errors import IdgateError, MethodNotAllowed, NotFound, shown
 from idgate.identity.authenticator import Authenticator
 from idgate.identity.devissuer import DevIssuer, dev_issuer_config
 from idgate.identity.issuers import OidcIssuer, SpiffeIssuer, TokenIssuer
@@ -142,16 +143,24 @@ class IdgateApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        methods = self._routes.get(request.path)
+        path = request.path
+        methods = self._routes.get(path)
+        if methods is None and path.startswith("/v1/models/"):
+            methods = {"GET": self.gateway.model}
         handler = methods.get(request.method) if methods is not None else None
         try:
             if methods is None:
-                raise NotFound(f"no endpoint at `{request.path[:100]}`")
+                raise NotFound(f"no endpoint at `{shown(path)}`")
             if handler is None:
-                raise MethodNotAllowed(f"`{request.path}` accepts {', '.join(methods)}")
+                raise MethodNotAllowed(f"`{shown(path)}` accepts {', '.join(methods)}", tuple(methods))
             await handler(request, send)
         except IdgateError as error:
             await send_error(send, error, request.id)
+        except Exception:
+            # The gateway's own handlers answer their errors; this is the last line.
+            log.exception("unexpected error on %s %s (request %s)", request.method, shown(path), request.id)
+            with contextlib.suppress(Exception):  # the response may have started already
+                await send_error(send, IdgateError("internal error"), request.id)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -12,6 +12,7 @@ or `{file: PATH}` ``. `idgate config schema` prints the JSON schema.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -307,13 +308,8 @@ class Config(_Frozen):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        providers = {p.name for p in self.providers}
-        for i, model in enumerate(self.models):
-            if model.provider not in providers:
-                known = ", ".join(f"`{p}`" for p in sorted(providers)) or "none"
-                raise ValueError(
-                    f"models[{i}].provider: provider `{model.provider}` is not defined; defined providers: {known}"
-                )
+        # Model -> provider references are checked on the raw data (see _reference_problems),
+        # so that they are reported together with field errors.
         for field, items in (("providers", self.providers), ("models", self.models)):
             names = [item.name for item in items]
             dupes = sorted({n for n in names if names.count(n) > 1})
@@ -351,8 +347,26 @@ def _problems(error: ValidationError) -> list[str]:
             message = "unknown key"
         elif item["type"] == "literal_error" and "expected" in item.get("ctx", {}):
             message = f"expected one of {item['ctx']['expected']}"
-        problems.append(f"{_location(tuple(item['loc']))}: {message}")
+        if not item["loc"] and re.match(r"^[\w\[\]./]+: ", message):
+            problems.append(message)  # a whole-config check that names its own key
+        else:
+            problems.append(f"{_location(tuple(item['loc']))}: {message}")
     return problems
+
+
+def _reference_problems(data: dict[str, Any]) -> list[str]:
+    """Every model naming a provider that is not defined, by its key path."""
+    providers = data.get("providers")
+    models = data.get("models")
+    if not isinstance(models, list):
+        return []
+    names = {p.get("name") for p in providers if isinstance(p, dict)} if isinstance(providers, list) else set()
+    known = ", ".join(f"`{n}`" for n in sorted(n for n in names if isinstance(n, str))) or "none"
+    return [
+        f"models[{i}].provider: provider `{model['provider']}` is not defined; defined providers: {known}"
+        for i, model in enumerate(models)
+        if isinstance(model, dict) and isinstance(model.get("provider"), str) and model["provider"] not in names
+    ]
 
 
 def _home(env: Mapping[str, str], configured: Path | None) -> Path:
@@ -366,10 +380,13 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping of settings"])
+    references = _reference_problems(data)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_problems(exc)) from None
+        raise ConfigError(_problems(exc) + references) from None
+    if references:
+        raise ConfigError(references)
     config = config.model_copy(update={"home": _home(env, config.state.home)})
     config._env = env
     return config
@@ -390,7 +407,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"`{path}` is not valid YAML{where}"]) from None
+        problem = getattr(exc, "problem", None)
+        raise ConfigError([f"`{path}` is not valid YAML{where}" + (f": {problem}" if problem else "")]) from None
     return parse_config(data, env)
 
 

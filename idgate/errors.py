@@ -116,6 +116,10 @@ class MethodNotAllowed(IdgateError):
     code = "method_not_allowed"
     type = "invalid_request_error"
 
+    def __init__(self, message: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
 
 class PayloadTooLarge(IdgateError):
     status = 413

@@ -82,3 +82,10 @@ def test_unknown_model_is_404(gateway: Gateway, issuer: TestIssuer) -> None:
         pytest.raises(openai.NotFoundError, match="model `nope` does not exist"),
     ):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_retrieve_a_model_only_if_visible(gateway: Gateway, issuer: TestIssuer) -> None:
+    with sdk(gateway, issuer.mint({"tenant": "acme"})) as client:
+        assert client.models.retrieve("gpt-test").id == "gpt-test"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("beta-only")  # exists, but not for acme: no existence leak

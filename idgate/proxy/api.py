@@ -90,16 +90,35 @@ class Gateway:
         facts = RequestFacts(request.id, request.method, request.path)
         try:
             caller = facts.caller = await self._authenticator.authenticate(request.header(b"authorization"))
-            listed = [
-                {"id": name, "object": "model", "created": 0, "owned_by": route.provider.name}
-                for name, route in self._routes.items()
-                if self._authorizer.authorize(caller, "invoke_model", Resource("model", name), {}).allowed
-            ]
+            listed = self._visible_models(caller)
             self._audit.emit(self._finish(facts, 200))
         except IdgateError as error:
             await self._refuse(send, facts, error)
             return
         await send_json(send, 200, {"object": "list", "data": listed}, request.id)
+
+    async def model(self, request: Request, send: Send) -> None:
+        """`GET /v1/models/{id}`: one model, if this caller may use it (404 otherwise)."""
+        facts = RequestFacts(request.id, request.method, request.path)
+        name = request.path.removeprefix("/v1/models/")
+        facts.model = name
+        try:
+            caller = facts.caller = await self._authenticator.authenticate(request.header(b"authorization"))
+            found = [m for m in self._visible_models(caller) if m["id"] == name]
+            if not found:
+                raise UnknownModel(f"model `{shown(name)}` does not exist")
+            self._audit.emit(self._finish(facts, 200))
+        except IdgateError as error:
+            await self._refuse(send, facts, error)
+            return
+        await send_json(send, 200, found[0], request.id)
+
+    def _visible_models(self, caller: Caller) -> list[dict[str, Any]]:
+        return [
+            {"id": name, "object": "model", "created": 0, "owned_by": route.provider.name}
+            for name, route in self._routes.items()
+            if self._authorizer.authorize(caller, "invoke_model", Resource("model", name), {}).allowed
+        ]
 
     # -- the pipeline ----------------------------------------------------------------
 

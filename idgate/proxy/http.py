@@ -13,7 +13,14 @@ from typing import Any
 
 import orjson
 
-from idgate.errors import AuthenticationError, IdgateError, InvalidToken, MalformedJSON, PayloadTooLarge
+from idgate.errors import (
+    AuthenticationError,
+    IdgateError,
+    InvalidToken,
+    MalformedJSON,
+    MethodNotAllowed,
+    PayloadTooLarge,
+)
 
 __all__ = [
     "Receive",
@@ -145,6 +152,8 @@ async def send_error(send: Send, error: IdgateError, request_id: str, decision_i
     extra: Headers = []
     if isinstance(error, AuthenticationError):
         extra.append((b"www-authenticate", _challenge(error)))
+    elif isinstance(error, MethodNotAllowed):
+        extra.append((b"allow", ", ".join(error.allowed).encode()))
     await send_bytes(
         send, error.status, orjson.dumps(error_payload(error, request_id, decision_id)), request_id, extra=extra
     )
