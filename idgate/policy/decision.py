@@ -14,23 +14,39 @@ from typing import Any, Protocol
 from idgate.config import ModelConfig
 from idgate.identity.principal import Caller
 
-__all__ = ["Authorizer", "Decision", "ModelAccessAuthorizer", "Resource"]
+__all__ = ["REASONS", "Authorizer", "Decision", "ModelAccessAuthorizer", "Resource"]
+
+# The categories a refused caller is shown; never policy text.
+REASONS = ("allowed", "tenant", "data_class", "tool", "scope", "delegation", "kind", "error")
 
 
 @dataclass(frozen=True, slots=True)
 class Resource:
-    kind: str  # "model", later "tool", ...
+    """What a call is about: a model, a tool (`server/name`) or an audience.
+
+    `attributes` describe a resource the entity data does not declare (a tool
+    discovered at run time); a declared resource takes its attributes from the
+    entity data alone, and those given here are ignored. `tenant` is for
+    authorizers without entity data; the Cedar authorizer reads the data's.
+    """
+
+    kind: str  # "model", "tool", "audience"
     id: str
     tenant: str | None = None
+    attributes: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """An authorization decision and why; an error inside the authorizer is a deny carrying it."""
+
     allowed: bool
     policies: tuple[str, ...]  # ids of what decided it
-    reason: str  # category shown to the caller: tenant, kind, delegation, error, ...
+    reason: str  # category shown to the caller: one of REASONS
     errors: tuple[str, ...] = ()
     id: str = field(default_factory=lambda: "dec_" + os.urandom(8).hex())
+    revision: str = ""  # the policy revision that decided it
+    denied_for: str = ""  # the principal of the chain that was refused, e.g. `Agent::"bot"`
 
 
 class Authorizer(Protocol):
