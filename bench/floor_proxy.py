@@ -44,9 +44,7 @@ class FloorProxy:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-                self._session = aiohttp.ClientSession(
-                    connector=connector, timeout=aiohttp.ClientTimeout(total=60)
-                )
+                self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self._session is not None:
@@ -63,9 +61,7 @@ class FloorProxy:
             more = message.get("more_body", False)
         assert self._session is not None, "lifespan start-up did not run"
         url = self._upstream + scope["path"]
-        async with self._session.request(
-            scope["method"], url, data=body, headers=_FORWARD_HEADERS
-        ) as upstream:
+        async with self._session.request(scope["method"], url, data=body, headers=_FORWARD_HEADERS) as upstream:
             content_type = upstream.headers.get("Content-Type", "application/octet-stream")
             if content_type.startswith("text/event-stream"):
                 await send(

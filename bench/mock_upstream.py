@@ -219,9 +219,7 @@ class MockProtocol(asyncio.Protocol):
 async def serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     responses = Responses.build()
-    server = await loop.create_server(
-        lambda: MockProtocol(responses), host, port, backlog=1024, reuse_address=True
-    )
+    server = await loop.create_server(lambda: MockProtocol(responses), host, port, backlog=1024, reuse_address=True)
     bound = server.sockets[0].getsockname()[1]
     print(f"READY {bound}", flush=True)
     stop = asyncio.Event()

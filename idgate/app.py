@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -10,6 +11,7 @@ from typing import Any
 import aiohttp
 
 from idgate.audit.writer import AuditWriter
+from idgate.classify import Classifier
 from idgate.config import Config, IssuerConfig, SpiffeIssuerConfig, load_config
 from idgate.errors import IdgateError, MethodNotAllowed, NotFound, shown
 from idgate.identity.authenticator import Authenticator
@@ -17,10 +19,20 @@ from idgate.identity.devissuer import DevIssuer, dev_issuer_config
 from idgate.identity.issuers import OidcIssuer, SpiffeIssuer, TokenIssuer
 from idgate.identity.keys import JWKSLoader, KeySet, file_loader, http_loader
 from idgate.identity.pseudonym import Pseudonyms
-from idgate.policy.decision import ModelAccessAuthorizer
+from idgate.policy import (
+    CedarAuthorizer,
+    DataClasses,
+    EntitlementSpec,
+    EntityData,
+    ModelSpec,
+    PolicyStore,
+    PolicyWatcher,
+)
+from idgate.policy.demo import POLICY as DEMO_POLICY
 from idgate.providers.base import Provider
 from idgate.providers.demo import DemoProvider
 from idgate.providers.openai import OpenAIProvider
+from idgate.proxy.admission import Admission
 from idgate.proxy.api import Gateway, Route
 from idgate.proxy.http import Receive, Request, Scope, Send, send_error, send_json
 
@@ -98,19 +110,65 @@ def _providers(config: Config) -> dict[str, Provider]:
     return providers
 
 
+def policy_store(config: Config) -> PolicyStore:
+    """Policies and entity data from the config (files), plus the config's models.
+
+    With no `policy.files`, the built-in demo policy applies; with no
+    `policy.entities`, every tenant is entitled to every model and function
+    tool, still subject to the policy's tenant and data-class rules.
+    """
+    locations = {p.name: p.location for p in config.providers}
+    models = EntityData(
+        models=tuple(
+            ModelSpec(
+                name=m.name,
+                provider=m.provider,
+                location=locations[m.provider],
+                tenant=m.tenant,
+                max_data_class=m.max_data_class,
+            )
+            for m in config.models
+        )
+    )
+    if not config.policy.entities:
+        grant = EntitlementSpec(
+            tenant="*",
+            models=tuple(m.name for m in config.models),
+            tools=(f"{config.policy.function_tools_server}/*",),
+        )
+        models = models.merge(EntityData(entitlements=(grant,)))
+    return PolicyStore(
+        config.policy.files or (DEMO_POLICY,),
+        entities=models,
+        entity_files=config.policy.entities,
+        classes=DataClasses(config.data_classes.levels),
+    )
+
+
 class IdgateApp:
     """The ASGI application: routes, lifespan, and the last line of error handling."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self._fetch = _SharedSession()
+        self._watcher: asyncio.Task[None] | None = None
         self.providers = _providers(config)
         routes = {m.name: Route(m, self.providers[m.provider]) for m in config.models}
         self.audit = AuditWriter(config.audit_path, config.audit.flush_interval_seconds)
         self.authenticator = Authenticator(_issuers(config, self._fetch), clock_skew=config.server.clock_skew_seconds)
+        self.policies = policy_store(config)
+        self.authorizer = CedarAuthorizer(self.policies, max_delegation_depth=config.policy.max_delegation_depth)
+        classifier = Classifier(DataClasses(config.data_classes.levels), config.data_classes.detectors or None)
         self.gateway = Gateway(
             authenticator=self.authenticator,
-            authorizer=ModelAccessAuthorizer({m.name: m for m in config.models}),
+            authorizer=self.authorizer,
+            admission=Admission(
+                self.authorizer,
+                classifier,
+                tenant_classes=config.data_classes.tenants,
+                unentitled_tools=config.policy.unentitled_tools,
+                function_tools_server=config.policy.function_tools_server,
+            ),
             routes=routes,
             audit=self.audit,
             pseudonyms=Pseudonyms.from_state(config.home),
@@ -126,10 +184,17 @@ class IdgateApp:
 
     async def startup(self) -> None:
         self.audit.start()
+        if self.config.policy.reload_interval_seconds > 0:
+            watcher = PolicyWatcher(self.policies, self.config.policy.reload_interval_seconds)
+            self._watcher = asyncio.get_running_loop().create_task(watcher.run())
         for provider in self.providers.values():
             await provider.start()
 
     async def shutdown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         for provider in self.providers.values():
             await provider.close()
         await self._fetch.close()

@@ -64,7 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         help="an agent acting for the subject; repeat for a chain, outermost first",
     )
     token.add_argument("--group", action="append", default=[], help="a group of the subject; repeatable")
+    token.add_argument("--task", help="the task the token is for (policies may require one for agents)")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+
+    policy = commands.add_parser("policy", help="test policies")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    policy_test = policy_commands.add_parser("test", help="run a YAML file of policy cases; non-zero on any mismatch")
+    policy_test.add_argument("file")
 
     config = commands.add_parser("config", help="check a config or print its JSON schema")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -155,6 +161,7 @@ def _token(args: argparse.Namespace) -> int:
             tenant=args.tenant,
             actors=tuple(args.act),
             groups=tuple(args.group),
+            task=args.task,
             ttl=args.ttl,
         )
     )
@@ -171,6 +178,17 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(args: argparse.Namespace) -> int:
+    from idgate.policy.testing import load_policy_tests, run_policy_tests
+
+    count = len(load_policy_tests(args.file).cases)
+    mismatches = run_policy_tests(args.file)
+    for mismatch in mismatches:
+        print(f"FAIL {mismatch}")
+    print(f"{args.file}: {count - len(mismatches)} passed, {len(mismatches)} failed")
+    return 1 if mismatches else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -179,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "token":
             return _token(args)
+        if args.command == "policy":
+            return _policy(args)
         return _config(args)
     except ConfigError as error:
         where = f"{getattr(args, 'file', None) or getattr(args, 'config', None) or 'config'}"

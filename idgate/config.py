@@ -26,10 +26,12 @@ __all__ = [
     "AuditConfig",
     "ClaimsConfig",
     "Config",
+    "DataClassesConfig",
     "DevIssuerConfig",
     "IssuerConfig",
     "KindRule",
     "ModelConfig",
+    "PolicyConfig",
     "ProviderConfig",
     "SecretRef",
     "ServerConfig",
@@ -276,12 +278,47 @@ class ModelConfig(_Frozen):
     provider: str
     upstream_model: str | None = Field(None, description="name at the provider; default `name`")
     kind: Literal["chat", "embedding"] = "chat"
-    tenants: tuple[str, ...] = Field(("*",), description="tenants that may use it; `*` for all")
-    kinds: tuple[Kind, ...] = ("human", "service", "agent")
+    tenant: str = Field("*", description="tenant that owns it; `*` for shared")
+    max_data_class: str = Field("internal", description="highest data class it may receive")
 
     @property
     def target(self) -> str:
         return self.upstream_model or self.name
+
+
+DEFAULT_DATA_CLASSES = ("public", "internal", "confidential", "restricted")
+
+
+class DataClassesConfig(_Frozen):
+    levels: tuple[str, ...] = Field(DEFAULT_DATA_CLASSES, description="data classes, lowest first")
+    tenants: dict[str, str] = Field(default_factory=dict, description="the least class of each tenant's requests")
+    detectors: dict[str, str] = Field(
+        default_factory=dict, description="class a detector's finding implies, over the built-in mapping"
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> DataClassesConfig:
+        if len(set(self.levels)) != len(self.levels) or not self.levels:
+            raise ValueError("`levels` must be distinct names, at least one")
+        for tenant, name in (*self.tenants.items(), *self.detectors.items()):
+            if name not in self.levels:
+                raise ValueError(f"tenants.{tenant}: data class `{name}` is not one of {list(self.levels)}")
+        return self
+
+
+class PolicyConfig(_Frozen):
+    files: tuple[Path, ...] = Field((), description="Cedar policy files; default the built-in demo policy")
+    entities: tuple[Path, ...] = Field(
+        (), description="entity data files (groups, roles, members, tools, entitlements)"
+    )
+    max_delegation_depth: int = Field(3, ge=0, le=8)
+    reload_interval_seconds: float = Field(1.0, ge=0, description="how often files are checked; 0 turns it off")
+    unentitled_tools: Literal["remove", "refuse"] = Field(
+        "remove", description="a chat request's tools the caller may not use: removed, or the request refused"
+    )
+    function_tools_server: str = Field(
+        "functions", pattern=r"^[A-Za-z0-9_.-]+$", description="server name of a chat request's function tools"
+    )
 
 
 class AuditConfig(_Frozen):
@@ -298,6 +335,8 @@ class Config(_Frozen):
     providers: tuple[ProviderConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
     audit: AuditConfig = AuditConfig()
+    policy: PolicyConfig = PolicyConfig()
+    data_classes: DataClassesConfig = DataClassesConfig()
     # Filled in by load_config from the environment; not part of the file.
     home: Path = Field(Path(".idgate"), exclude=True)
     _env: Mapping[str, str] = PrivateAttr(default_factory=dict)
@@ -315,6 +354,12 @@ class Config(_Frozen):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{field}: duplicate names {dupes}")
+        for i, model in enumerate(self.models):
+            if model.max_data_class not in self.data_classes.levels:
+                raise ValueError(
+                    f"models[{i}].max_data_class: `{model.max_data_class}` is not one of "
+                    f"{list(self.data_classes.levels)}"
+                )
         issuer_names = [i.name for i in (*self.issuers, *self.spiffe)]
         if len(set(issuer_names)) != len(issuer_names):
             raise ValueError("issuers/spiffe: names must be unique")
@@ -409,16 +454,26 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None)
         raise ConfigError([f"`{path}` is not valid YAML{where}" + (f": {problem}" if problem else "")]) from None
-    return parse_config(data, env)
+    config = parse_config(data, env)
+    base = Path(path).resolve().parent
+    policy = config.policy.model_copy(
+        update={
+            "files": tuple(base / f for f in config.policy.files),
+            "entities": tuple(base / f for f in config.policy.entities),
+        }
+    )
+    resolved = config.model_copy(update={"policy": policy})
+    resolved._env = config._env
+    return resolved
 
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "dev_issuer": {"enabled": True, "tenant": "demo"},
     "providers": [{"name": "demo", "type": "demo", "location": "internal"}],
     "models": [
-        {"name": "demo-chat", "provider": "demo"},
-        {"name": "demo-chat-mini", "provider": "demo"},
-        {"name": "demo-embed", "provider": "demo", "kind": "embedding"},
+        {"name": "demo-chat", "provider": "demo", "max_data_class": "confidential"},
+        {"name": "demo-chat-mini", "provider": "demo", "max_data_class": "internal"},
+        {"name": "demo-embed", "provider": "demo", "kind": "embedding", "max_data_class": "confidential"},
     ],
 }
 

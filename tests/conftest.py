@@ -45,7 +45,7 @@ def base_config(issuer: TestIssuer, upstream: Upstream) -> dict[str, Any]:
         "models": [
             {"name": "gpt-test", "provider": "up", "upstream_model": "real-model"},
             {"name": "embed-test", "provider": "up", "kind": "embedding"},
-            {"name": "beta-only", "provider": "up", "tenants": ["beta"]},
+            {"name": "beta-only", "provider": "up", "tenant": "beta"},
         ],
     }
 

@@ -345,7 +345,7 @@ def test_serve_with_two_workers(serve: Any, home: Path) -> None:
 
     assert served.stop() in (0, -signal.SIGTERM)
     assert "Traceback" not in served.output
-    assert not any(alive(pid) for pid in workers)
+    wait_for(lambda: not any(alive(pid) for pid in workers), timeout=10)  # orphans reaped by now
     records = read_records(home / "audit.db")  # both workers wrote to the one trail
     assert len(records) == 13 and {r["subject"]["id"] for r in records} == {"dave"}
     assert (home / "effective-config.yaml").exists()

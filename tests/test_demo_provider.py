@@ -45,7 +45,7 @@ def client(demo: Gateway) -> Iterator[openai.OpenAI]:
 
 @pytest.fixture
 async def async_client(demo: Gateway) -> AsyncIterator[openai.AsyncOpenAI]:
-    token = DevIssuer(demo.config).mint("bob", kind="agent", actors=("planner",))
+    token = DevIssuer(demo.config).mint("bob", actors=("planner",), task="task-1")  # the demo policy: a human's task
     async with openai.AsyncOpenAI(base_url=f"{demo.url}/v1", api_key=token, max_retries=0, timeout=10) as sdk:
         yield sdk
 
@@ -183,7 +183,8 @@ async def test_async_agent_chain_is_served_and_recorded(async_client: openai.Asy
     assert text == reply.choices[0].message.content
     record = demo.record(stream.response.headers["x-request-id"])
     assert record["stream"] is True and record["outcome"] == "ok"
-    assert record["subject"]["id"] == "bob" and record["subject"]["kind"] == "agent"
+    assert record["subject"]["id"] == "bob" and record["subject"]["kind"] == "human"
+    assert record["credential"]["task"] == "task-1"
     assert [a["id"] for a in record["actors"]] == ["planner"]
 
 

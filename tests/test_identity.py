@@ -118,6 +118,8 @@ def door(
             "rules": [{"path_prefix": "/agents", "kind": "agent", "tenant": "acme"}],
         }
     ]
+    # Identity is under test here, not policy: a standalone agent must get through.
+    config["policy"] = {"files": [str(Path(__file__).parent / "data" / "permit_all.cedar")]}
     env = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY, "TEST_HMAC_SECRET": HMAC_SECRET}
     gateway = Gateway(config, tmp_path_factory.mktemp("door"), env)
     yield gateway

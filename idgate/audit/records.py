@@ -34,6 +34,12 @@ class RequestFacts:
     error: str | None = None
     usage: dict[str, Any] | None = None
     first_byte_ms: float | None = None
+    data_class: str | None = None
+    findings: list[dict[str, Any]] | None = None
+    tools_offered: list[str] | None = None
+    tools_removed: list[str] | None = None
+    tool_calls_flagged: list[str] | None = None
+    admitted: Any = None  # what admission decided (idgate.proxy.admission.Admitted)
 
 
 def _caller(caller: Caller | None) -> dict[str, Any]:
@@ -84,7 +90,14 @@ def request_record(facts: RequestFacts) -> dict[str, Any]:
             "policies": list(decision.policies),
             "reason": decision.reason,
             "errors": list(decision.errors),
+            "revision": decision.revision,
+            "denied_for": decision.denied_for or None,
         },
+        "data_class": facts.data_class,
+        "findings": facts.findings,
+        "tools_offered": facts.tools_offered,
+        "tools_removed": facts.tools_removed,
+        "tool_calls_flagged": facts.tool_calls_flagged,
         "status": facts.status,
         "outcome": outcome,
         "error": None if facts.error_code is None else {"code": facts.error_code, "message": facts.error},

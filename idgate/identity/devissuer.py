@@ -77,6 +77,7 @@ class DevIssuer:
         tenant: str | None = None,
         actors: tuple[str, ...] = (),
         groups: tuple[str, ...] = (),
+        task: str | None = None,
         ttl: int = 3600,
         now: float | None = None,
     ) -> str:
@@ -99,6 +100,8 @@ class DevIssuer:
         }
         if groups:
             claims["groups"] = list(groups)
+        if task:
+            claims["task"] = task
         act: dict[str, Any] | None = None
         for actor in reversed(actors):
             act = {"sub": actor} if act is None else {"sub": actor, "act": act}

@@ -11,10 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from idgate.config import ModelConfig
 from idgate.identity.principal import Caller
 
-__all__ = ["REASONS", "Authorizer", "Decision", "ModelAccessAuthorizer", "Resource"]
+__all__ = ["REASONS", "Authorizer", "Decision", "Resource"]
 
 # The categories a refused caller is shown; never policy text.
 REASONS = ("allowed", "tenant", "data_class", "tool", "scope", "delegation", "kind", "error")
@@ -51,34 +50,3 @@ class Decision:
 
 class Authorizer(Protocol):
     def authorize(self, caller: Caller, action: str, resource: Resource, context: Mapping[str, Any]) -> Decision: ...
-
-
-class ModelAccessAuthorizer:
-    """Model access by each model's `tenants` and `kinds` lists.
-
-    The subject and every actor in its chain must each be allowed
-    (delegation never amplifies). The policy engine replaces this; the
-    pipeline does not change.
-    """
-
-    def __init__(self, models: Mapping[str, ModelConfig]) -> None:
-        self._models = models
-
-    def authorize(self, caller: Caller, action: str, resource: Resource, context: Mapping[str, Any]) -> Decision:
-        try:
-            return self._decide(caller, action, resource)
-        except Exception as exc:  # noqa: BLE001 - INVARIANT: any error is a deny
-            return Decision(False, (), "error", (f"{type(exc).__name__}: {exc}",))
-
-    def _decide(self, caller: Caller, action: str, resource: Resource) -> Decision:
-        model = self._models.get(resource.id)
-        if action != "invoke_model" or resource.kind != "model" or model is None:
-            return Decision(False, ("default-deny",), "scope")
-        tenant = caller.subject.tenant
-        if "*" not in model.tenants and tenant not in model.tenants:
-            return Decision(False, (f"model:{model.name}:tenants",), "tenant")
-        if caller.subject.kind not in model.kinds:
-            return Decision(False, (f"model:{model.name}:kinds",), "kind")
-        if any(actor.kind not in model.kinds for actor in caller.actors):
-            return Decision(False, (f"model:{model.name}:kinds",), "delegation")
-        return Decision(True, (f"model:{model.name}",), "allowed")

@@ -30,12 +30,13 @@ import orjson
 from idgate.audit.records import RequestFacts, request_record
 from idgate.audit.writer import AuditWriter
 from idgate.config import ModelConfig
-from idgate.errors import BadRequest, Forbidden, IdgateError, UnknownModel, UpstreamError, shown
+from idgate.errors import BadRequest, IdgateError, UnknownModel, UpstreamError, shown
 from idgate.identity.authenticator import Authenticator
 from idgate.identity.principal import Caller
 from idgate.identity.pseudonym import Pseudonyms
 from idgate.policy.decision import Authorizer, Resource
 from idgate.providers.base import Endpoint, Provider, UpstreamRejected
+from idgate.proxy.admission import DATA_CLASS_HEADER, Admission, Admitted, Refused
 from idgate.proxy.http import Receive, Request, Send, error_payload, send_bytes, send_error, send_json
 
 __all__ = ["Gateway", "Route"]
@@ -66,6 +67,7 @@ class Gateway:
         *,
         authenticator: Authenticator,
         authorizer: Authorizer,
+        admission: Admission,
         routes: Mapping[str, Route],
         audit: AuditWriter,
         pseudonyms: Pseudonyms,
@@ -73,6 +75,7 @@ class Gateway:
     ) -> None:
         self._authenticator = authenticator
         self._authorizer = authorizer
+        self._admission = admission
         self._routes = routes
         self._audit = audit
         self._pseudonyms = pseudonyms
@@ -128,14 +131,14 @@ class Gateway:
             facts.caller = await self._authenticator.authenticate(request.header(b"authorization"))
             body = await request.json_object(self._max_body)
             route = self._route(body, kind, facts)
-            self._authorize(facts.caller, route, facts)
+            self._admit(facts.caller, route, body, request, facts)
             self._audit.check()  # fail closed: nothing goes upstream that could not be recorded
             upstream_body = self._upstream_body(body, route, facts.caller)
             if facts.stream:
                 await self._relay_stream(request, send, route, endpoint, upstream_body, facts)
                 return
             answer = await route.provider.complete(endpoint, upstream_body)
-            facts.usage = _usage(answer)
+            answer = self._inspect_answer(answer, facts)
             # INVARIANT: the record is handed to the writer before the caller gets the answer;
             # if the writer cannot take it, the caller gets a 503 instead.
             self._audit.emit(self._finish(facts, 200))
@@ -173,11 +176,41 @@ class Gateway:
         facts.provider, facts.upstream_model = route.provider.name, route.model.target
         return route
 
-    def _authorize(self, caller: Caller, route: Route, facts: RequestFacts) -> None:
-        decision = self._authorizer.authorize(caller, "invoke_model", Resource("model", route.model.name), {})
-        facts.decision = decision
-        if not decision.allowed:
-            raise Forbidden(f"access to model `{route.model.name}` is refused ({decision.reason})")
+    def _admit(self, caller: Caller, route: Route, body: dict[str, Any], request: Request, facts: RequestFacts) -> None:
+        try:
+            admitted = self._admission.admit(caller, route.model.name, body, request.header(DATA_CLASS_HEADER))
+        except Refused as refused:
+            self._note(refused.admitted, facts)
+            raise
+        self._note(admitted, facts)
+        facts.admitted = admitted
+
+    @staticmethod
+    def _note(admitted: Admitted, facts: RequestFacts) -> None:
+        facts.decision = admitted.decision
+        facts.data_class = admitted.data_class
+        facts.findings = admitted.classification.record()["findings"]
+        if admitted.tools_offered:
+            facts.tools_offered, facts.tools_removed = admitted.tools_offered, admitted.tools_removed
+
+    def _inspect_answer(self, answer: bytes, facts: RequestFacts) -> bytes:
+        """Usage for the record; `tool_calls` for tools the caller may not use are flagged."""
+        try:
+            parsed = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            return answer
+        if not isinstance(parsed, dict):
+            return answer
+        usage = parsed.get("usage")
+        facts.usage = usage if isinstance(usage, dict) else None
+        if facts.admitted is None or "choices" not in parsed:
+            return answer
+        flagged = Admission.flagged_tool_calls(parsed, facts.admitted)
+        if not flagged:
+            return answer
+        facts.tool_calls_flagged = flagged
+        parsed["idgate"] = {"flagged_tool_calls": flagged}
+        return orjson.dumps(parsed)
 
     def _upstream_body(self, body: dict[str, Any], route: Route, caller: Caller) -> dict[str, Any]:
         upstream = dict(body)
@@ -271,14 +304,6 @@ class Gateway:
         decision_id = facts.decision.id if facts.decision is not None and not facts.decision.allowed else None
         self._audit_quietly(self._finish(facts, error.status))
         await send_error(send, error, facts.request_id, decision_id)
-
-
-def _usage(answer: bytes) -> dict[str, Any] | None:
-    try:
-        usage = orjson.loads(answer).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return usage if isinstance(usage, dict) else None
 
 
 def _stream_usage(data: bytes) -> dict[str, Any] | None:
