@@ -28,6 +28,7 @@ from idgate.policy import (
     PolicyStore,
     PolicyWatcher,
 )
+from idgate.policy.authzen import AuthZen
 from idgate.policy.demo import POLICY as DEMO_POLICY
 from idgate.providers.base import Provider
 from idgate.providers.demo import DemoProvider
@@ -174,7 +175,18 @@ class IdgateApp:
             pseudonyms=Pseudonyms.from_state(config.home),
             max_body_bytes=config.server.max_body_bytes,
         )
+        authzen = AuthZen(
+            self.authenticator,
+            self.authorizer,
+            base_url=config.server.url,
+            allowed_subjects=config.authzen.allowed_subjects,
+            allowed_groups=config.authzen.allowed_groups,
+            max_body_bytes=config.server.max_body_bytes,
+        )
         self._routes: dict[str, dict[str, Handler]] = {
+            "/access/v1/evaluation": {"POST": authzen.evaluation},
+            "/access/v1/evaluations": {"POST": authzen.evaluations},
+            "/.well-known/authzen-configuration": {"GET": authzen.metadata},
             "/v1/chat/completions": {"POST": self.gateway.chat_completions},
             "/v1/embeddings": {"POST": self.gateway.embeddings},
             "/v1/models": {"GET": self.gateway.models},

@@ -24,6 +24,7 @@ from idgate.errors import ConfigError
 
 __all__ = [
     "AuditConfig",
+    "AuthZenConfig",
     "ClaimsConfig",
     "Config",
     "DataClassesConfig",
@@ -321,6 +322,13 @@ class PolicyConfig(_Frozen):
     )
 
 
+class AuthZenConfig(_Frozen):
+    """Who may ask for decisions at the AuthZEN endpoints."""
+
+    allowed_subjects: tuple[str, ...] = Field((), description="subject ids that may ask")
+    allowed_groups: tuple[str, ...] = Field(("authzen",), description="members of these groups may ask")
+
+
 class AuditConfig(_Frozen):
     path: Path | None = Field(None, description="SQLite file; default STATE/audit.db")
     flush_interval_seconds: float = Field(0.005, gt=0, le=1)
@@ -336,6 +344,7 @@ class Config(_Frozen):
     models: tuple[ModelConfig, ...] = ()
     audit: AuditConfig = AuditConfig()
     policy: PolicyConfig = PolicyConfig()
+    authzen: AuthZenConfig = AuthZenConfig()
     data_classes: DataClassesConfig = DataClassesConfig()
     # Filled in by load_config from the environment; not part of the file.
     home: Path = Field(Path(".idgate"), exclude=True)
