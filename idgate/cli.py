@@ -172,9 +172,12 @@ def _config(args: argparse.Namespace) -> int:
     if args.config_command == "schema":
         sys.stdout.write(orjson.dumps(config_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
+    from idgate.app import policy_store
+
     path = Path(args.file)
-    load_config(path, env={"IDGATE_HOME": os.environ.get("IDGATE_HOME", ".idgate")})
-    print(f"{path}: ok")
+    config = load_config(path, env={"IDGATE_HOME": os.environ.get("IDGATE_HOME", ".idgate")})
+    revision = policy_store(config).revision  # the policies validate against the schema too
+    print(f"{path}: ok (policy revision {revision})")
     return 0
 
 

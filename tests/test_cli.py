@@ -133,7 +133,7 @@ def test_config_check_accepts_a_good_file(home: Path, tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "good.yaml", GOOD)
     done = idgate(home, "config", "check", str(path))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"{path}: ok"
+    assert done.stdout.startswith(f"{path}: ok (policy revision pol_")
     assert not home.exists()  # checking writes nothing
 
 

@@ -37,3 +37,19 @@ def test_a_wrong_expectation_fails_with_the_reasons(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "FAIL a cross-tenant call" in result.stdout and "tenant" in result.stdout
     assert "0 passed, 1 failed" in result.stdout
+
+
+def test_config_check_validates_the_policies_it_names(tmp_path: Path) -> None:
+    (tmp_path / "bad.cedar").write_text(
+        '@id("x")\npermit (principal, action, resource)\nwhen { resource.tenat == "x" };\n'
+    )
+    (tmp_path / "idgate.yaml").write_text("dev_issuer: {enabled: true}\npolicy: {files: [bad.cedar]}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "idgate", "config", "check", str(tmp_path / "idgate.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"IDGATE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert f"{tmp_path / 'bad.cedar'}:3:" in result.stderr and "`tenat`" in result.stderr
