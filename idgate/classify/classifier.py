@@ -122,6 +122,8 @@ class Classifier:
             return None
 
         for detector, _, _ in self._plan:
+            if not detector.may_match(text):
+                continue  # why: most gates fail on ordinary text; this skips making a generator
             within = detector.within
             if within is not None and within not in regions:
                 regions[within] = [m.span() for m in within.finditer(text)]
