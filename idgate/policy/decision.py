@@ -6,6 +6,7 @@ fetched. Any error inside an authorizer is a deny that carries the error.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +36,19 @@ class Resource:
     attributes: Mapping[str, Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+# Decision ids: a random per-process prefix and a counter, unique across workers and
+# restarts without a system call per decision (one is made on every request).
+_ID_PREFIX = "dec_" + os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def _decision_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, measurably
+# slow on a path taken for every request. Treat decisions as immutable all the same.
+@dataclass(slots=True)
 class Decision:
     """An authorization decision and why; an error inside the authorizer is a deny carrying it."""
 
@@ -43,7 +56,7 @@ class Decision:
     policies: tuple[str, ...]  # ids of what decided it
     reason: str  # category shown to the caller: one of REASONS
     errors: tuple[str, ...] = ()
-    id: str = field(default_factory=lambda: "dec_" + os.urandom(8).hex())
+    id: str = field(default_factory=_decision_id)
     revision: str = ""  # the policy revision that decided it
     denied_for: str = ""  # the principal of the chain that was refused, e.g. `Agent::"bot"`
 
