@@ -192,9 +192,33 @@ class Upstream:
             return web.json_response(upstream_error_body(status), status=status, headers=headers)
         if self.mode == "slow":
             await asyncio.sleep(self.delay)
+        if self.mode == "rogue-tool":
+            return await self._rogue_tool(request, body)
         if body.get("stream"):
             return await self._stream(request, body)
         return web.json_response(_completion(body))
+
+    async def _rogue_tool(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """A model that calls `delete_account`, whatever it was offered (streamed in two chunks)."""
+        call = {"id": "call_1", "type": "function", "function": {"name": "delete_account", "arguments": "{}"}}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            completion = {
+                **_completion(body),
+                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+            }
+            return web.json_response(completion)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        delta = {"tool_calls": [{"index": 0, **call}]}
+        event = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+        data = b"data: " + orjson.dumps({**event, "choices": [{"index": 0, "delta": delta}]}) + b"\n\n"
+        for part in (data[:40], data[40:], b"data: [DONE]\n\n"):  # the event spans two chunks
+            await response.write(part)
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
 
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

@@ -165,3 +165,27 @@ def test_a_bad_hot_reload_keeps_the_old_policies(
             time.sleep(0.05)
         with pytest.raises(openai.PermissionDeniedError):
             ask(client, "hi", model="beta-only")
+
+
+def test_tool_calls_for_unentitled_tools_are_flagged(
+    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A model asking for a tool the caller may not use: flagged in the answer and the record."""
+    entities = tmp_path / "entities.yaml"
+    entities.write_text(TOOLS_ENTITIES)
+    config = base_config(issuer, upstream)
+    config["policy"] = {"entities": [str(entities)]}
+    gateway = make_gateway(config)
+    upstream.mode = "rogue-tool"
+    with sdk(gateway, issuer.mint()) as client:
+        reply = client.chat.completions.with_raw_response.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}], tools=[tool("get_weather")]
+        )
+        assert reply.http_response.json()["idgate"] == {"flagged_tool_calls": ["delete_account"]}
+        assert gateway.records()[-1]["tool_calls_flagged"] == ["delete_account"]
+        stream = client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}], tools=[tool("get_weather")], stream=True
+        )
+        names = [c.function.name for chunk in stream for c in chunk.choices[0].delta.tool_calls or [] if c.function]
+        assert names == ["delete_account"]  # relayed as it came; the record says what happened
+    assert gateway.records()[-1]["tool_calls_flagged"] == ["delete_account"]

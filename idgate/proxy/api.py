@@ -270,11 +270,14 @@ class Gateway:
         """Relay chunks as they come; returns the stream's last bytes (to spot `[DONE]`)."""
         tail = b""
         chunk = first
+        calls = _ToolCallScan()
         try:
             while True:
                 if chunk:
                     if b'"usage"' in chunk:
                         facts.usage = _stream_usage(tail + chunk) or facts.usage
+                    if calls.pending or b'"tool_calls"' in tail[-16:] + chunk:
+                        self._flag_streamed_calls(calls.feed(chunk), facts)
                     # why: a chunk of 64 bytes or more holds the whole tail; no need to copy it
                     tail = chunk[-64:] if len(chunk) >= 64 else (tail + chunk)[-64:]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -288,6 +291,15 @@ class Gateway:
             return _DONE  # the error event ends the stream
         finally:
             await chunks.aclose()
+
+    @staticmethod
+    def _flag_streamed_calls(names: list[str], facts: RequestFacts) -> None:
+        """A streamed tool call for a tool the caller may not use is flagged in the record."""
+        if facts.admitted is None:
+            return
+        flagged = [n for n in names if n not in facts.admitted.allowed_tools]
+        if flagged:
+            facts.tool_calls_flagged = (facts.tool_calls_flagged or []) + flagged
 
     # -- endings -------------------------------------------------------------------
 
@@ -335,6 +347,36 @@ async def _cancel_when_gone(receive: Receive, relay: asyncio.Task[Any]) -> None:
 def _client_left(watcher: asyncio.Task[None]) -> bool:
     """Whether `watcher` (`_cancel_when_gone`) saw the client leave, and so cancelled the relay."""
     return watcher.done() and not watcher.cancelled() and watcher.exception() is None
+
+
+class _ToolCallScan:
+    """Tool-call names in a chat stream, from whole SSE events only (events can span chunks)."""
+
+    LIMIT = 1 << 20  # an event longer than this is not waited for
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        data = self.pending + chunk
+        events, _, rest = data.rpartition(b"\n\n")
+        self.pending = rest if len(rest) <= self.LIMIT else b""
+        names: list[str] = []
+        for line in events.split(b"\n"):
+            if not line.startswith(b"data: {") or b'"tool_calls"' not in line:
+                continue
+            try:
+                event = orjson.loads(line[6:])
+            except orjson.JSONDecodeError:
+                continue
+            for choice in event.get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                for call in (delta or {}).get("tool_calls") or ():
+                    function = call.get("function") if isinstance(call, dict) else None
+                    name = function.get("name") if isinstance(function, dict) else None
+                    if isinstance(name, str):
+                        names.append(name)
+        return names
 
 
 def _error_event(error: IdgateError, facts: RequestFacts) -> bytes:
