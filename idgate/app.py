@@ -20,6 +20,7 @@ from idgate.identity.issuers import OidcIssuer, SpiffeIssuer, TokenIssuer
 from idgate.identity.keys import JWKSLoader, KeySet, file_loader, http_loader
 from idgate.identity.pseudonym import Pseudonyms
 from idgate.policy import (
+    AudienceSpec,
     CedarAuthorizer,
     DataClasses,
     EntitlementSpec,
@@ -36,6 +37,7 @@ from idgate.providers.openai import OpenAIProvider
 from idgate.proxy.admission import Admission
 from idgate.proxy.api import Gateway, Route
 from idgate.proxy.http import Receive, Request, Scope, Send, send_error, send_json
+from idgate.sts.service import build_sts
 
 __all__ = ["IdgateApp", "app_from_environment", "build_app"]
 
@@ -131,11 +133,16 @@ def policy_store(config: Config) -> PolicyStore:
             for m in config.models
         )
     )
+    # The gateway's own audiences, so that tokens for it can be exchanged (policy still decides).
+    models = models.merge(
+        EntityData(audiences=tuple(AudienceSpec(name=a, tenant="*") for a in config.server.accepted_audiences))
+    )
     if not config.policy.entities:
         grant = EntitlementSpec(
             tenant="*",
             models=tuple(m.name for m in config.models),
             tools=(f"{config.policy.function_tools_server}/*",),
+            audiences=config.server.accepted_audiences,
         )
         models = models.merge(EntityData(entitlements=(grant,)))
     return PolicyStore(
@@ -156,7 +163,10 @@ class IdgateApp:
         self.providers = _providers(config)
         routes = {m.name: Route(m, self.providers[m.provider]) for m in config.models}
         self.audit = AuditWriter(config.audit_path, config.audit.flush_interval_seconds)
-        self.authenticator = Authenticator(_issuers(config, self._fetch), clock_skew=config.server.clock_skew_seconds)
+        # The token service's issuer is one the gateway trusts: its tokens come back as credentials.
+        sts = build_sts(config.sts, config.server, config.home) if config.sts.enabled else None
+        issuers = _issuers(config, self._fetch) + ([sts.issuer] if sts is not None else [])
+        self.authenticator = Authenticator(issuers, clock_skew=config.server.clock_skew_seconds)
         self.policies = policy_store(config)
         self.authorizer = CedarAuthorizer(self.policies, max_delegation_depth=config.policy.max_delegation_depth)
         classifier = Classifier(DataClasses(config.data_classes.levels), config.data_classes.detectors or None)
@@ -193,6 +203,8 @@ class IdgateApp:
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
         }
+        if sts is not None:
+            self._routes.update(sts.routes(self.authenticator, self.authorizer))
 
     async def startup(self) -> None:
         self.audit.start()

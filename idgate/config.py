@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from idgate.errors import ConfigError
+from idgate.sts.settings import StsSettings
 
 __all__ = [
     "AuditConfig",
@@ -345,6 +346,7 @@ class Config(_Frozen):
     audit: AuditConfig = AuditConfig()
     policy: PolicyConfig = PolicyConfig()
     authzen: AuthZenConfig = AuthZenConfig()
+    sts: StsSettings = StsSettings()
     data_classes: DataClassesConfig = DataClassesConfig()
     # Filled in by load_config from the environment; not part of the file.
     home: Path = Field(Path(".idgate"), exclude=True)
@@ -372,6 +374,8 @@ class Config(_Frozen):
         issuer_names = [i.name for i in (*self.issuers, *self.spiffe)]
         if len(set(issuer_names)) != len(issuer_names):
             raise ValueError("issuers/spiffe: names must be unique")
+        if {"idgate", "dev"} & set(issuer_names):
+            raise ValueError("issuers/spiffe: the names `idgate` and `dev` are the gateway's own issuers")
         if not self.dev_issuer.enabled and not self.issuers and not self.spiffe:
             raise ValueError("no way to authenticate: configure `issuers`, `spiffe` or `dev_issuer`")
         return self

@@ -1,0 +1,283 @@
+"""Token exchange (RFC 8693): a subject's token, and an actor's, for a gateway token.
+
+The rules, each a refusal when it fails:
+
+1. Both tokens are verified by the gateway's `Authenticator`: any trusted
+   issuer, a SPIFFE JWT-SVID, or a token of the gateway itself. A bad token is
+   `invalid_grant`.
+2. `may_act` in the subject token, when present, names who may act for the
+   subject (RFC 8693 §4.4): an actor token of anyone else is refused.
+3. The audience is what was asked (`resource`, `audience`), else the default;
+   a gateway token exchanged again keeps at most its own audiences.
+4. The scope is what was asked, and never more than the subject token's own
+   `scope` or the actor token's (when they have one): asking for more is
+   `invalid_scope`. Asking for nothing grants what both tokens hold.
+5. Policy: the caller (subject and the new actor chain) must be allowed
+   `exchange_token` on each audience; a deny is `invalid_target`.
+6. The lifetime is the configured one, and never beyond the subject or actor
+   token. Delegation never amplifies (DESIGN.md, invariant 3).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from idgate.errors import AuthenticationError, ServiceUnavailable, shown
+from idgate.identity.authenticator import Authenticator
+from idgate.identity.principal import Actor, Caller
+from idgate.policy.decision import Authorizer, Decision, Resource
+from idgate.sts.errors import InvalidGrant, InvalidRequest, InvalidScope, InvalidTarget, TemporarilyUnavailable
+from idgate.sts.tokens import Grant, MintedToken, TokenMinter
+
+__all__ = [
+    "ACCESS_TOKEN",
+    "ID_TOKEN",
+    "JWT",
+    "SUBJECT_TOKEN_TYPES",
+    "ExchangeRequest",
+    "TokenExchange",
+]
+
+ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 - a URN, not a secret
+ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"  # noqa: S105 - a URN, not a secret
+JWT = "urn:ietf:params:oauth:token-type:jwt"
+SUBJECT_TOKEN_TYPES = (ACCESS_TOKEN, ID_TOKEN, JWT)
+ISSUED_TOKEN_TYPES = (ACCESS_TOKEN, JWT)
+
+# RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+_SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRequest:
+    """A token-exchange request, its form parameters already checked for presence and types."""
+
+    subject_token: str
+    subject_token_type: str
+    actor_token: str | None = None
+    actor_token_type: str | None = None
+    scope: tuple[str, ...] | None = None
+    resources: tuple[str, ...] = ()
+    audiences: tuple[str, ...] = ()
+    requested_token_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    minted: MintedToken
+    issued_token_type: str
+    scope: tuple[str, ...] | None
+    caller: Caller  # who it was issued to: subject and the new actor chain
+    decisions: tuple[Decision, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    caller: Caller
+    claims: dict[str, Any]
+
+
+def parse_scope(value: str, what: str = "scope") -> tuple[str, ...]:
+    """A space-delimited scope, each value checked, duplicates dropped, order kept."""
+    values = tuple(dict.fromkeys(value.split(" ")))
+    for item in values:
+        if not _SCOPE_TOKEN.match(item):
+            raise InvalidScope(f"`{what}` value `{shown(item)}` is not a valid scope token")
+    return values
+
+
+def _claims(token: str) -> dict[str, Any]:
+    # INVARIANT: called only after the Authenticator verified this very token's
+    # signature, so the payload read here is the one that was signed.
+    segment = token.split(".")[1]
+    value = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    assert isinstance(value, dict)
+    return value
+
+
+def _token_scope(claims: dict[str, Any], what: str) -> tuple[str, ...] | None:
+    value = claims.get("scope")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return tuple(dict.fromkeys(value.split()))
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(dict.fromkeys(value))
+    raise InvalidGrant(f"`{what}` claim `scope` must be a space-separated string")
+
+
+def _token_audiences(claims: dict[str, Any]) -> tuple[str, ...]:
+    aud = claims.get("aud")
+    values = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    return tuple(v for v in values if isinstance(v, str))
+
+
+class TokenExchange:
+    """Decides and mints RFC 8693 exchanges; the HTTP side is in `endpoints.py`."""
+
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        authorizer: Authorizer,
+        minter: TokenMinter,
+        *,
+        default_audience: str,
+        ttl_seconds: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._authenticator = authenticator
+        self._authorizer = authorizer
+        self._minter = minter
+        self._default_audience = default_audience
+        self._ttl = ttl_seconds
+        self._clock = clock
+
+    @property
+    def issuer(self) -> str:
+        return self._minter.issuer
+
+    async def exchange(self, request: ExchangeRequest) -> Issued:
+        subject = await self._verify(request.subject_token, "subject_token")
+        actor = await self._verify(request.actor_token, "actor_token") if request.actor_token is not None else None
+        if actor is not None and actor.claims.get("act") is not None:
+            raise InvalidGrant("`actor_token` must name one actor, not carry a delegation chain (`act`)")
+        self._check_may_act(subject.claims, actor)
+        issued_type = self._issued_type(request.requested_token_type)
+        audiences = self._audiences(request, subject)
+        scope = self._scope(request.scope, subject, actor)
+        chain = subject.caller.actors
+        if actor is not None:
+            principal = actor.caller.subject
+            chain = (Actor(principal.id, principal.kind, principal.issuer), *chain)
+        caller = Caller(subject.caller.subject, subject.caller.credential, chain)
+        decisions = tuple(self._authorize(caller, audience) for audience in audiences)
+        now = self._clock()
+        expires_at = min(now + self._ttl, subject.caller.credential.expires_at)
+        if actor is not None:
+            expires_at = min(expires_at, actor.caller.credential.expires_at)
+        if int(expires_at) <= int(now):
+            raise InvalidGrant("the presented token has expired")
+        grant = Grant(
+            subject=subject.caller.subject,
+            subject_issuer=self._subject_issuer(subject),
+            audiences=audiences,
+            expires_at=int(expires_at),
+            scope=scope,
+            actors=chain,
+            task=self._task(subject, actor),
+            session=self._session(subject),
+        )
+        return Issued(self._minter.mint(grant), issued_type, scope, caller, decisions)
+
+    async def _verify(self, token: str, what: str) -> _Verified:
+        try:
+            caller = await self._authenticator.authenticate(b"Bearer " + token.encode())
+        except ServiceUnavailable:
+            raise TemporarilyUnavailable(f"`{what}` cannot be checked now: its issuer's keys are unavailable") from None
+        except AuthenticationError as exc:
+            raise InvalidGrant(f"`{what}` is not valid: {exc.message}") from None
+        return _Verified(caller, _claims(token))
+
+    def _is_gateway_token(self, verified: _Verified) -> bool:
+        return verified.caller.subject.issuer == self.issuer
+
+    @staticmethod
+    def _check_may_act(claims: dict[str, Any], actor: _Verified | None) -> None:
+        may_act = claims.get("may_act")
+        if may_act is None or actor is None:
+            return
+        if not isinstance(may_act, dict) or not isinstance(may_act.get("sub"), str):
+            raise InvalidGrant("`subject_token` claim `may_act` must be an object with a `sub` string")
+        who = actor.caller.subject
+        issuer = may_act.get("iss")
+        if may_act["sub"] != who.id or (issuer is not None and issuer != who.issuer):
+            raise InvalidGrant(f"the subject token does not allow `{shown(who.id)}` to act for it (`may_act`)")
+
+    @staticmethod
+    def _issued_type(requested: str | None) -> str:
+        if requested is None:
+            return ACCESS_TOKEN
+        if requested not in ISSUED_TOKEN_TYPES:
+            supported = ", ".join(f"`{t}`" for t in ISSUED_TOKEN_TYPES)
+            raise InvalidRequest(
+                f"`requested_token_type` `{shown(requested)}` is not supported; supported: {supported}"
+            )
+        return requested
+
+    def _audiences(self, request: ExchangeRequest, subject: _Verified) -> tuple[str, ...]:
+        for resource in request.resources:
+            parts = urlsplit(resource)
+            if not parts.scheme or not parts.netloc or parts.fragment:
+                raise InvalidTarget(f"`resource` `{shown(resource)}` must be an absolute URI without a fragment")
+        asked = tuple(dict.fromkeys((*request.resources, *request.audiences)))
+        if not self._is_gateway_token(subject):
+            return asked or (self._default_audience,)
+        held = _token_audiences(subject.claims)
+        wider = [a for a in asked if a not in held]
+        if wider:
+            raise InvalidTarget(
+                f"a gateway token can only be exchanged for its own audiences; `{shown(wider[0])}` is not one of them"
+            )
+        return asked or held
+
+    @staticmethod
+    def _scope(asked: tuple[str, ...] | None, subject: _Verified, actor: _Verified | None) -> tuple[str, ...] | None:
+        limits = [(s, "subject_token") for s in (_token_scope(subject.claims, "subject_token"),) if s is not None]
+        if actor is not None:
+            held = _token_scope(actor.claims, "actor_token")
+            if held is not None:
+                limits.append((held, "actor_token"))
+        if asked is None:
+            if not limits:
+                return None
+            granted = limits[0][0]
+            for held, _ in limits[1:]:
+                granted = tuple(s for s in granted if s in held)
+            if not granted:
+                raise InvalidScope("the subject and actor tokens share no scope")
+            return granted
+        for held, what in limits:
+            extra = [s for s in asked if s not in held]
+            if extra:
+                raise InvalidScope(f"scope `{shown(extra[0])}` is more than the `{what}` holds")
+        return asked
+
+    def _authorize(self, caller: Caller, audience: str) -> Decision:
+        try:
+            decision = self._authorizer.authorize(caller, "exchange_token", Resource("audience", audience), {})
+        except Exception:  # noqa: BLE001 - fail closed: any error in policy is a deny
+            raise InvalidTarget(f"no token for audience `{shown(audience)}`: the policy could not decide") from None
+        if not decision.allowed:
+            raise InvalidTarget(
+                f"no token for audience `{shown(audience)}`: not allowed for this caller "
+                f"(reason `{decision.reason}`, decision `{decision.id}`)"
+            )
+        return decision
+
+    def _subject_issuer(self, subject: _Verified) -> str:
+        if self._is_gateway_token(subject):
+            sub_id = subject.claims.get("sub_id")
+            if isinstance(sub_id, dict) and isinstance(sub_id.get("iss"), str):
+                return str(sub_id["iss"])
+        return subject.caller.subject.issuer
+
+    @staticmethod
+    def _task(subject: _Verified, actor: _Verified | None) -> str | None:
+        task = subject.caller.credential.task
+        other = actor.caller.credential.task if actor is not None else None
+        if task is not None and other is not None and task != other:
+            raise InvalidGrant("the subject and actor tokens belong to different tasks")
+        return task or other
+
+    @staticmethod
+    def _session(subject: _Verified) -> str | None:
+        sid = subject.claims.get("sid")
+        return sid if isinstance(sid, str) and sid else None

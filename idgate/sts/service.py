@@ -1,0 +1,79 @@
+"""Wiring of the token service, in two steps around the `Authenticator`.
+
+The gateway trusts its own tokens like any issuer's, so its issuer must be in
+the `Authenticator`; and the token service verifies with that `Authenticator`.
+Hence::
+
+    sts = build_sts(config.sts, config.server, config.home)     # keys + the gateway's issuer
+    authenticator = Authenticator([*issuers, sts.issuer], ...)
+    routes.update(sts.routes(authenticator, authorizer))        # /oauth2/token, jwks, metadata
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from idgate.config import ClaimsConfig, IssuerConfig, ServerConfig
+from idgate.identity.authenticator import Authenticator
+from idgate.identity.issuers import OidcIssuer
+from idgate.identity.keys import KeySet
+from idgate.policy.decision import Authorizer
+from idgate.sts.endpoints import Handler, OAuthEndpoints
+from idgate.sts.exchange import TokenExchange
+from idgate.sts.keys import ALGORITHMS, SigningKeys
+from idgate.sts.settings import StsSettings
+from idgate.sts.tokens import TokenMinter
+
+__all__ = ["GATEWAY_ISSUER_NAME", "Sts", "build_sts", "gateway_issuer"]
+
+GATEWAY_ISSUER_NAME = "idgate"
+
+
+def gateway_issuer(keys: SigningKeys, issuer: str, audiences: tuple[str, ...]) -> OidcIssuer:
+    """The gateway as a trusted issuer of its own tokens: its key set is read from `keys`, in process."""
+    config = IssuerConfig(
+        name=GATEWAY_ISSUER_NAME,
+        issuer=issuer,
+        # Where the keys are published; this issuer reads them from the key file instead.
+        jwks_uri=f"{issuer}/.well-known/jwks.json",
+        audiences=audiences,
+        algorithms=ALGORITHMS,
+        claims=ClaimsConfig(),
+        refetch_interval_seconds=1.0,  # another worker's rotation is seen within a second
+    )
+    keyset = KeySet(GATEWAY_ISSUER_NAME, keys.load_public, refetch_interval=1.0, cache_ttl=60.0)
+    return OidcIssuer(config, keyset, audiences)
+
+
+@dataclass(frozen=True)
+class Sts:
+    """The token service, built: its keys, its issuer (for the `Authenticator`), and its routes."""
+
+    settings: StsSettings
+    keys: SigningKeys
+    issuer: OidcIssuer
+    default_audience: str
+    clock: Callable[[], float] = time.time
+
+    def routes(self, authenticator: Authenticator, authorizer: Authorizer) -> dict[str, dict[str, Handler]]:
+        minter = TokenMinter(self.keys, self.issuer.issuer, self.clock)
+        exchange = TokenExchange(
+            authenticator,
+            authorizer,
+            minter,
+            default_audience=self.default_audience,
+            ttl_seconds=self.settings.token_ttl_seconds,
+            clock=self.clock,
+        )
+        return OAuthEndpoints(exchange, self.keys, max_body_bytes=self.settings.max_body_bytes).routes()
+
+
+def build_sts(settings: StsSettings, server: ServerConfig, home: Path) -> Sts:
+    """Open (or create) the signing keys in `home` and make the gateway's issuer at `server.url`."""
+    keys = SigningKeys.open(home, settings.algorithm)
+    audiences = server.accepted_audiences
+    issuer = gateway_issuer(keys, server.url, audiences)
+    return Sts(settings, keys, issuer, settings.default_audience or audiences[0])
