@@ -112,12 +112,17 @@ class OidcIssuer(TokenIssuer):
         audiences: tuple[str, ...],
         hmac_secret: str | None = None,
         credential_kind: Literal["jwt", "dev"] = "jwt",
+        subject_issuer_claim: bool = False,
     ) -> None:
+        """`subject_issuer_claim`: the subject's issuer is the `sub_id.iss` claim (RFC 9493
+        `iss_sub` format) when present; only for the gateway's own tokens, which carry the
+        identity provider a subject came from."""
         hmac_key = jwk.OctKey.import_key(hmac_secret) if hmac_secret else None
         super().__init__(config.name, keys, config.algorithms, config.audiences or audiences, hmac_key)
         self.issuer = config.issuer
         self.claims = config.claims
         self.credential_kind = credential_kind
+        self._subject_issuer_claim = subject_issuer_claim
 
     def caller(self, claims: dict[str, Any], token_id: str, expires_at: float) -> Caller:
         mapping: ClaimsConfig = self.claims
@@ -128,10 +133,16 @@ class OidcIssuer(TokenIssuer):
             kind=self._kind(claims),
             id=subject,
             tenant=_string(claims, mapping.tenant) or mapping.default_tenant,
-            issuer=self.issuer,
+            issuer=self._subject_issuer(claims),
             groups=self._groups(claims),
         )
         return Caller(principal, self._credential(claims, token_id, expires_at), actor_chain(claims))
+
+    def _subject_issuer(self, claims: dict[str, Any]) -> str:
+        sub_id = claims.get("sub_id") if self._subject_issuer_claim else None
+        if isinstance(sub_id, dict) and sub_id.get("format") == "iss_sub" and isinstance(sub_id.get("iss"), str):
+            return str(sub_id["iss"])
+        return self.issuer
 
     def _kind(self, claims: dict[str, Any]) -> Kind:
         mapping = self.claims

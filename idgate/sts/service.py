@@ -45,7 +45,8 @@ def gateway_issuer(keys: SigningKeys, issuer: str, audiences: tuple[str, ...]) -
         refetch_interval_seconds=1.0,  # another worker's rotation is seen within a second
     )
     keyset = KeySet(GATEWAY_ISSUER_NAME, keys.load_public, refetch_interval=1.0, cache_ttl=60.0)
-    return OidcIssuer(config, keyset, audiences)
+    # A subject keeps the issuer it was first verified from (its pseudonym upstream, its records).
+    return OidcIssuer(config, keyset, audiences, subject_issuer_claim=True)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet, KeySetSerialization
 
 from tests.sts.conftest import ACCESS_TOKEN, JWT, TOKEN_EXCHANGE, Reply, StsGateway
-from tests.support import TestIssuer
+from tests.support import TestIssuer, Upstream
 
 HUMAN_SCOPE = "chat models:read tools:billing"
 
@@ -79,8 +79,14 @@ def test_human_and_agent_exchange_for_a_nested_act_token(sts_gateway: StsGateway
     assert claims["jti"]
 
 
-def test_issued_token_calls_the_gateway_with_the_openai_sdk(sts_gateway: StsGateway, issuer: TestIssuer) -> None:
-    token = sts_gateway.exchange(human(issuer), agent(issuer)).body["access_token"]
+def test_issued_token_calls_the_gateway_with_the_openai_sdk(
+    sts_gateway: StsGateway, issuer: TestIssuer, upstream: Upstream
+) -> None:
+    original = human(issuer)
+    with openai.OpenAI(base_url=f"{sts_gateway.url}/v1", api_key=original, max_retries=0) as client:
+        client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    pseudonym = upstream.received[-1]["body"]["user"]
+    token = sts_gateway.exchange(original, agent(issuer)).body["access_token"]
     with openai.OpenAI(base_url=f"{sts_gateway.url}/v1", api_key=token, max_retries=0) as client:
         raw = client.chat.completions.with_raw_response.create(
             model="gpt-test", messages=[{"role": "user", "content": "hi"}]
@@ -90,6 +96,8 @@ def test_issued_token_calls_the_gateway_with_the_openai_sdk(sts_gateway: StsGate
     assert record["subject"]["id"] == "alice"
     assert [a["id"] for a in record["actors"]] == ["agent-7"]
     assert record["credential"]["issuer"] == "idgate"
+    assert record["subject"]["issuer"] == issuer.issuer  # where alice was first verified
+    assert upstream.received[-1]["body"]["user"] == pseudonym  # the same person upstream, exchanged or not
 
 
 def test_scope_is_what_the_subject_holds_when_none_is_asked(sts_gateway: StsGateway, issuer: TestIssuer) -> None:
