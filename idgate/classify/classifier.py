@@ -125,8 +125,11 @@ class Classifier:
             if not detector.may_match(text):
                 continue  # why: most gates fail on ordinary text; this skips making a generator
             within = detector.within
-            if within is not None and within not in regions:
-                regions[within] = [m.span() for m in within.finditer(text)]
+            if within is not None:
+                if within not in regions:
+                    regions[within] = [m.span() for m in within.finditer(text)]
+                if not regions[within]:
+                    continue  # why: no region (e.g. no run of digits), nothing for this detector to look at
             found = detector.spans(text, None if within is None else regions[within], taken if spans else None)
             for start, end in found:
                 if spans and taken(start, end) is not None:  # a confirm step may widen a span
