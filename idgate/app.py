@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 
+from idgate.audit.chain import checkpoint_signer
 from idgate.audit.writer import AuditWriter
 from idgate.classify import Classifier
 from idgate.config import Config, IssuerConfig, SpiffeIssuerConfig, load_config
@@ -37,6 +38,7 @@ from idgate.providers.openai import OpenAIProvider
 from idgate.proxy.admission import Admission
 from idgate.proxy.api import Gateway, Route
 from idgate.proxy.http import Receive, Request, Scope, Send, send_error, send_json
+from idgate.sts.keys import SigningKeys
 from idgate.sts.service import build_sts
 
 __all__ = ["IdgateApp", "app_from_environment", "build_app"]
@@ -162,7 +164,13 @@ class IdgateApp:
         self._watcher: asyncio.Task[None] | None = None
         self.providers = _providers(config)
         routes = {m.name: Route(m, self.providers[m.provider]) for m in config.models}
-        self.audit = AuditWriter(config.audit_path, config.audit.flush_interval_seconds)
+        # The chain's checkpoints are signed with the gateway's key (the one the token service uses).
+        self.audit = AuditWriter(
+            config.audit_path,
+            config.audit.flush_interval_seconds,
+            sign=checkpoint_signer(SigningKeys.open(config.home, config.sts.algorithm)),
+            checkpoint_every=config.audit.checkpoint_every,
+        )
         # The token service's issuer is one the gateway trusts: its tokens come back as credentials.
         sts = build_sts(config.sts, config.server, config.home) if config.sts.enabled else None
         issuers = _issuers(config, self._fetch) + ([sts.issuer] if sts is not None else [])

@@ -89,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate FILE and say exactly what is wrong and where")
     check.add_argument("file")
     config_commands.add_parser("schema", help="print the JSON schema of the config file")
+
+    audit = commands.add_parser("audit", help="check the audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit_commands.add_parser(
+        "verify",
+        help="check the hash chain and signed checkpoints; say what was altered and where; non-zero on a break",
+    )
+    audit_verify.add_argument("--config", help="YAML config file (default: $IDGATE_CONFIG, else the embedded default)")
     return parser
 
 
@@ -233,6 +241,24 @@ def _policy(args: argparse.Namespace) -> int:
     return 1 if mismatches else 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from idgate.audit.verify import verify
+    from idgate.sts.keys import KEYS_FILE, SigningKeys
+
+    config = load_config(args.config)
+    keys_file = config.home / KEYS_FILE
+    # Read the published keys only: verifying never creates a key.
+    jwks = SigningKeys(keys_file).jwks() if keys_file.exists() else {"keys": []}
+    try:
+        report = verify(config.audit_path, jwks)
+    except FileNotFoundError as exc:
+        print(f"idgate: {exc}", file=sys.stderr)
+        return 1
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -243,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args)
         if args.command == "policy":
             return _policy(args)
+        if args.command == "audit":
+            return _audit(args)
         return _config(args)
     except ConfigError as error:
         where = f"{getattr(args, 'file', None) or getattr(args, 'config', None) or 'config'}"

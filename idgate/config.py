@@ -333,6 +333,7 @@ class AuthZenConfig(_Frozen):
 class AuditConfig(_Frozen):
     path: Path | None = Field(None, description="SQLite file; default STATE/audit.db")
     flush_interval_seconds: float = Field(0.005, gt=0, le=1)
+    checkpoint_every: int = Field(1000, gt=0, description="records between signed checkpoints of the hash chain")
 
 
 class Config(_Frozen):

@@ -189,3 +189,15 @@ def test_tool_calls_for_unentitled_tools_are_flagged(
         names = [c.function.name for chunk in stream for c in chunk.choices[0].delta.tool_calls or [] if c.function]
         assert names == ["delete_account"]  # relayed as it came; the record says what happened
     assert gateway.records()[-1]["tool_calls_flagged"] == ["delete_account"]
+
+
+def test_the_stream_scan_sees_tool_calls_split_across_chunks() -> None:
+    from idgate.proxy.api import _ToolCallScan
+
+    event = (
+        b'data: {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": "rm"}}]}}]}\n\n'
+    )
+    for cut in range(1, len(event)):
+        scan = _ToolCallScan()
+        assert scan.feed(event[:cut]) + scan.feed(event[cut:] + b"data: [DONE]\n\n") == ["rm"], cut
+    assert _ToolCallScan().feed(b'data: {"choices": [{"delta": {"content": "tool_calls"}}]}\n\n') == []

@@ -4,6 +4,12 @@
 it on a short timer and writes each batch in one SQLite transaction (WAL,
 `synchronous=NORMAL`). If the store fails, the writer turns unhealthy, and
 `emit()` refuses: the gateway fails closed rather than act unrecorded.
+
+Each record is chained to the one before it (`idgate.audit.chain`). The writer
+takes the chain's head inside the batch's own write transaction (`BEGIN
+IMMEDIATE`), so several processes appending to one file extend one chain.
+Every `checkpoint_every` records, and at a clean close, it signs the head into
+`audit_checkpoints` when it was given a signer.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from idgate.audit.chain import GENESIS, CheckpointSigner, link
 from idgate.errors import ServiceUnavailable
 
 __all__ = ["AuditWriter", "read_records"]
@@ -31,11 +38,22 @@ CREATE TABLE IF NOT EXISTS audit_records (
     kind TEXT NOT NULL,
     time REAL NOT NULL,
     subject TEXT,
-    record BLOB NOT NULL
+    record BLOB NOT NULL,
+    prev_hash TEXT,
+    hash TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_records_request ON audit_records (request_id);
 CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (time);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    time REAL NOT NULL,
+    jws TEXT NOT NULL
+);
 """
+
+DEFAULT_CHECKPOINT_EVERY = 1000
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -43,13 +61,44 @@ def _connect(path: Path) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.executescript(_SCHEMA)
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(audit_records)")}
+    for column in ("prev_hash", "hash"):  # a trail written before the chain: its records stay unchained
+        if column not in columns:
+            try:
+                connection.execute(f"ALTER TABLE audit_records ADD COLUMN {column} TEXT")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
     return connection
 
 
+def _head(connection: sqlite3.Connection) -> tuple[int, str]:
+    """The last record's seq and hash (0 and `GENESIS` for an empty trail); call inside the write transaction."""
+    row = connection.execute("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1").fetchone()
+    return (0, GENESIS) if row is None else (row[0], row[1] or GENESIS)
+
+
+def _last_checkpoint(connection: sqlite3.Connection) -> int:
+    row = connection.execute("SELECT max(seq) FROM audit_checkpoints").fetchone()
+    return int(row[0] or 0)
+
+
 class AuditWriter:
-    def __init__(self, path: Path, flush_interval: float = 0.005) -> None:
+    def __init__(
+        self,
+        path: Path,
+        flush_interval: float = 0.005,
+        *,
+        sign: CheckpointSigner | None = None,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    ) -> None:
+        """`sign` signs checkpoints of the chain's head (none are written without it)."""
+        if checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be at least 1")
         self.path = path
         self._interval = flush_interval
+        self._sign = sign
+        self._checkpoint_every = checkpoint_every
         self._pending: deque[dict[str, Any]] = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -98,6 +147,8 @@ class AuditWriter:
                 time.sleep(self._interval)
                 self._drain(connection)
             self._drain(connection)
+            if self._sign is not None:
+                self._close_checkpoint(connection)
         except Exception as exc:  # noqa: BLE001 - any failure to record stops the gateway from acting
             self._error = f"{type(exc).__name__}: {exc}"
             log.error("audit store failed, refusing requests: %s", self._error)
@@ -114,15 +165,53 @@ class AuditWriter:
                 batch.append(pop())
         except IndexError:
             pass
-        rows = [
-            (r["request_id"], r["kind"], r["time"], (r.get("subject") or {}).get("id"), orjson.dumps(r)) for r in batch
-        ]
-        connection.execute("BEGIN")
-        connection.executemany(
-            "INSERT INTO audit_records (request_id, kind, time, subject, record) VALUES (?, ?, ?, ?, ?)", rows
-        )
-        connection.execute("COMMIT")
+        # INVARIANT: the head is read and extended under one write lock, so no other
+        # writer appends between them; `seq` then follows the batch's order.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            _, prev = _head(connection)
+            rows = []
+            for r in batch:
+                body = orjson.dumps(r, option=orjson.OPT_SORT_KEYS)  # the canonical bytes (chain.canonical)
+                digest = link(prev, body)
+                rows.append(
+                    (r["request_id"], r["kind"], r["time"], (r.get("subject") or {}).get("id"), body, prev, digest)
+                )
+                prev = digest
+            connection.executemany(
+                "INSERT INTO audit_records (request_id, kind, time, subject, record, prev_hash, hash)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            if self._sign is not None:
+                seq = connection.execute("SELECT last_insert_rowid()").fetchone()[0]
+                if seq - _last_checkpoint(connection) >= self._checkpoint_every:
+                    self._checkpoint(connection, seq, prev)
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
         self.written += len(rows)
+
+    def _checkpoint(self, connection: sqlite3.Connection, seq: int, digest: str) -> None:
+        assert self._sign is not None
+        now = time.time()
+        token = self._sign({"seq": seq, "hash": digest, "time": now})
+        connection.execute(
+            "INSERT INTO audit_checkpoints (seq, hash, time, jws) VALUES (?, ?, ?, ?)", (seq, digest, now, token)
+        )
+
+    def _close_checkpoint(self, connection: sqlite3.Connection) -> None:
+        """At a clean close: sign the head unless a checkpoint already covers it."""
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            seq, digest = _head(connection)
+            if seq > _last_checkpoint(connection):
+                self._checkpoint(connection, seq, digest)
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -256,15 +256,18 @@ class Gateway:
                 error = UpstreamError(f"upstream `{route.provider.name}` ended the stream early")
                 facts.error_code, facts.error = error.code, error.message
                 await send({"type": "http.response.body", "body": _error_event(error, facts), "more_body": True})
+            # The record goes to the writer before the response completes: a caller who has
+            # the whole answer can find its record.
+            self._audit_quietly(self._finish(facts, 200))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             # Ours to handle only if the caller left and nothing else (a shutdown) cancelled us too.
             if not _client_left(watcher) or relay.uncancel() > 0:
                 raise
             facts.error_code, facts.error = "client_disconnected", "the client went away before the stream ended"
+            self._audit_quietly(self._finish(facts, 200))
         finally:
             watcher.cancel()
-        self._audit_quietly(self._finish(facts, 200))
 
     async def _pump(self, send: Send, first: bytes, chunks: AsyncGenerator[bytes, None], facts: RequestFacts) -> bytes:
         """Relay chunks as they come; returns the stream's last bytes (to spot `[DONE]`)."""
@@ -276,8 +279,9 @@ class Gateway:
                 if chunk:
                     if b'"usage"' in chunk:
                         facts.usage = _stream_usage(tail + chunk) or facts.usage
-                    if calls.pending or b'"tool_calls"' in tail[-16:] + chunk:
-                        self._flag_streamed_calls(calls.feed(chunk), facts)
+                    names = calls.feed(chunk)
+                    if names:
+                        self._flag_streamed_calls(names, facts)
                     # why: a chunk of 64 bytes or more holds the whole tail; no need to copy it
                     tail = chunk[-64:] if len(chunk) >= 64 else (tail + chunk)[-64:]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -358,10 +362,13 @@ class _ToolCallScan:
         self.pending = b""
 
     def feed(self, chunk: bytes) -> list[str]:
-        data = self.pending + chunk
+        """Names in the events this chunk completes; the unfinished event waits for the next chunk."""
+        data = self.pending + chunk if self.pending else chunk
         events, _, rest = data.rpartition(b"\n\n")
         self.pending = rest if len(rest) <= self.LIMIT else b""
         names: list[str] = []
+        if b'"tool_calls"' not in events:  # why: plain text streams pay one substring test per chunk
+            return names
         for line in events.split(b"\n"):
             if not line.startswith(b"data: {") or b'"tool_calls"' not in line:
                 continue
