@@ -214,9 +214,9 @@ class Upstream:
         delta = {"tool_calls": [{"index": 0, **call}]}
         event = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
         data = b"data: " + orjson.dumps({**event, "choices": [{"index": 0, "delta": delta}]}) + b"\n\n"
-        for part in (data[:40], data[40:], b"data: [DONE]\n\n"):  # the event spans two chunks
-            await response.write(part)
-            await asyncio.sleep(0.01)
+        await response.write(data[:40])  # the event spans two chunks
+        await asyncio.sleep(0.01)
+        await response.write(data[40:] + b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
