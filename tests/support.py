@@ -186,6 +186,8 @@ class Upstream:
             raise web.HTTPTemporaryRedirect(f"{self.url}/chat/completions?moved=1")
         if self.mode == "error500":
             return web.json_response({"error": {"message": "boom"}}, status=500)
+        if self.mode == "error400-huge":
+            return web.Response(status=400, body=b"x" * (2 * 1024 * 1024), content_type="application/json")
         if self.mode.startswith("error"):
             status = int(self.mode.removeprefix("error"))
             headers = {"Retry-After": "7"} if status == 429 else None

@@ -334,3 +334,16 @@ def test_an_unexpected_error_midstream_ends_the_stream_with_an_error_event(
     assert b"sk-do-not-show" not in response.body
     record = record_of(gateway, response.headers["x-request-id"])
     assert record["status"] == 200 and record["outcome"] == "error" and record["error"]["code"] == "internal_error"
+
+
+def test_an_oversized_upstream_refusal_is_not_relayed(make_gateway: MakeGateway, issuer: TestIssuer) -> None:
+    """A 400 with a body over 1 MiB is the upstream's failure (502), not read into memory and relayed."""
+    upstream = Upstream(mode="error400-huge").start()
+    try:
+        gateway = make_gateway(base_config(issuer, upstream))
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=issuer.mint(), max_retries=0)
+        with client, pytest.raises(openai.APIStatusError) as failed:
+            client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+        assert failed.value.status_code == 502 and "oversized body" in str(failed.value.message)
+    finally:
+        upstream.stop()

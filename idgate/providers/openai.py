@@ -21,6 +21,23 @@ _RELAYED = frozenset({400, 404, 409, 413, 415, 422, 429})
 _RELAYED_HEADERS = ("retry-after", "retry-after-ms")
 
 
+# An upstream's refusal is relayed to the caller; a larger one is not read into memory.
+_ERROR_BODY_LIMIT = 1024 * 1024
+
+
+async def _bounded_read(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None once it passes `limit` bytes (the connection is then not reused)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            response.close()
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class OpenAIProvider(Provider):
     def __init__(self, config: ProviderConfig, api_key: str | None) -> None:
         assert config.base_url is not None
@@ -60,15 +77,17 @@ class OpenAIProvider(Provider):
     async def _check(self, response: aiohttp.ClientResponse) -> None:
         if response.status == 200:
             return
-        body = await response.read()
-        if response.status in _RELAYED:
-            headers = tuple(
-                (name.encode(), response.headers[name].encode("latin-1"))
-                for name in _RELAYED_HEADERS
-                if name in response.headers
-            )
-            raise UpstreamRejected(response.status, body, headers)
-        raise UpstreamError(f"upstream `{self.name}` failed with status {response.status}")
+        if response.status not in _RELAYED:
+            raise UpstreamError(f"upstream `{self.name}` failed with status {response.status}")
+        body = await _bounded_read(response, _ERROR_BODY_LIMIT)
+        if body is None:
+            raise UpstreamError(f"upstream `{self.name}` answered {response.status} with an oversized body")
+        headers = tuple(
+            (name.encode(), response.headers[name].encode("latin-1"))
+            for name in _RELAYED_HEADERS
+            if name in response.headers
+        )
+        raise UpstreamRejected(response.status, body, headers)
 
     async def complete(self, endpoint: Endpoint, body: dict[str, Any]) -> bytes:
         try:
