@@ -97,6 +97,22 @@ def _parser() -> argparse.ArgumentParser:
         help="check the hash chain and signed checkpoints; say what was altered and where; non-zero on a break",
     )
     audit_verify.add_argument("--config", help="YAML config file (default: $IDGATE_CONFIG, else the embedded default)")
+    audit_query = audit_commands.add_parser("query", help="list requests by who, for whom, what and when; newest first")
+    audit_query.add_argument("--config", help="YAML config file (default: $IDGATE_CONFIG, else the embedded default)")
+    audit_query.add_argument("--subject", help="the subject's id (e.g. the human an agent acted for)")
+    audit_query.add_argument("--agent", help="an agent anywhere in the actor chain")
+    audit_query.add_argument("--tenant", help="the subject's tenant")
+    audit_query.add_argument("--task", help="the credential's task")
+    audit_query.add_argument("--model", help="the model asked for")
+    audit_query.add_argument("--tool", help="a tool offered, removed or flagged")
+    audit_query.add_argument("--decision", choices=["allow", "deny"], help="what policy decided")
+    audit_query.add_argument("--since", metavar="WHEN", help="from this time: ISO-8601 or an age like 2h, 7d")
+    audit_query.add_argument("--until", metavar="WHEN", help="up to this time: ISO-8601 or an age like 2h, 7d")
+    audit_query.add_argument("--limit", type=_bounded(1, 1_000_000), default=100, help="at most N rows (default 100)")
+    audit_query.add_argument("--json", action="store_true", help="print the records as JSON lines")
+    audit_explain = audit_commands.add_parser("explain", help="tell one request's story: who, for whom, why, what")
+    audit_explain.add_argument("request_id", metavar="REQUEST_ID")
+    audit_explain.add_argument("--config", help="YAML config file (default: $IDGATE_CONFIG, else the embedded default)")
     return parser
 
 
@@ -241,11 +257,57 @@ def _policy(args: argparse.Namespace) -> int:
     return 1 if mismatches else 0
 
 
+def _audit_query(args: argparse.Namespace, config: Config) -> int:
+    from idgate.audit.query import TABLE_HEADER, query, table_row
+
+    try:
+        records = query(
+            config.audit_path,
+            subject=args.subject,
+            agent=args.agent,
+            tenant=args.tenant,
+            task=args.task,
+            model=args.model,
+            tool=args.tool,
+            decision=args.decision,
+            since=args.since,
+            until=args.until,
+            limit=args.limit,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"idgate: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        for record in records:
+            sys.stdout.write(orjson.dumps(record).decode() + "\n")
+        return 0
+    rows = [list(TABLE_HEADER), *map(table_row, records)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]))
+    return 0
+
+
+def _audit_explain(args: argparse.Namespace, config: Config) -> int:
+    from idgate.audit.query import UnknownRequest, explain
+
+    try:
+        print(explain(config.audit_path, args.request_id))
+    except (FileNotFoundError, UnknownRequest) as exc:
+        print(f"idgate: {exc.args[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     from idgate.audit.verify import verify
     from idgate.sts.keys import KEYS_FILE, SigningKeys
 
     config = load_config(args.config)
+    if args.audit_command == "query":
+        return _audit_query(args, config)
+    if args.audit_command == "explain":
+        return _audit_explain(args, config)
     keys_file = config.home / KEYS_FILE
     # Read the published keys only: verifying never creates a key.
     jwks = SigningKeys(keys_file).jwks() if keys_file.exists() else {"keys": []}

@@ -1,0 +1,277 @@
+"""Ask the audit trail: find requests by who, for whom, what and when; tell one request's story.
+
+`query(path, ...)` filters the `request` records of the SQLite trail, newest
+first: by time and subject id in SQL (indexed columns), by everything else on
+the record itself. `explain(path, request_id)` says, in plain sentences, who
+made one request, on whose behalf, with what credential, what was decided and
+why, which model saw which data class, and how it ended. Both only read: the
+file is opened read-only.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["TABLE_HEADER", "UnknownRequest", "explain", "format_time", "parse_when", "query", "table_row"]
+
+TABLE_HEADER = ("time", "request", "subject", "agents", "model", "decision", "status")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+
+
+class UnknownRequest(LookupError):
+    """No request with that id is in the trail."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"no request `{request_id}` in the audit trail")
+        self.request_id = request_id
+
+
+def parse_when(text: str, now: float | None = None) -> float:
+    """Epoch seconds for `text`: relative to now (`30m`, `2h`, `7d`, `1w`) or ISO-8601 (UTC if no offset)."""
+    relative = _RELATIVE.match(text)
+    if relative:
+        return (time.time() if now is None else now) - float(relative[1]) * _UNITS[relative[2]]
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"`{text}` is not a time: use ISO-8601 (2026-11-24T09:00:00Z) or an age like 30m, 2h, 7d, 1w"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def format_time(epoch: float) -> str:
+    """`2026-11-24T09:00:00Z`: UTC, to the second."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise FileNotFoundError(f"no audit trail at `{path}`")
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+
+
+_SELECT = (
+    "SELECT record FROM audit_records WHERE kind = 'request' AND time >= ? AND time <= ?"
+    " AND (? IS NULL OR subject = ?) ORDER BY time DESC, seq DESC"
+)
+
+
+def _rows(path: Path, since: float, until: float, subject: str | None) -> Iterator[dict[str, Any]]:
+    """The `request` records in [since, until] (of `subject`, if given), newest first."""
+    connection = _connect(path)
+    try:
+        for (body,) in connection.execute(_SELECT, (since, until, subject, subject)):
+            yield orjson.loads(body)
+    finally:
+        connection.close()
+
+
+def _epoch(value: str | float | None, default: float) -> float:
+    if value is None:
+        return default
+    return float(value) if isinstance(value, int | float) else parse_when(value)
+
+
+def _tools(record: dict[str, Any]) -> set[str]:
+    names: set[str] = set()
+    for key in ("tools_offered", "tools_removed", "tool_calls_flagged"):
+        names.update(record.get(key) or ())
+    return names
+
+
+def _matches(
+    record: dict[str, Any],
+    *,
+    agent: str | None,
+    tenant: str | None,
+    task: str | None,
+    model: str | None,
+    tool: str | None,
+    decision: str | None,
+) -> bool:
+    subject = record.get("subject") or {}
+    credential = record.get("credential") or {}
+    verdict = record.get("decision") or {}
+    checks = (
+        agent is None or any(a.get("id") == agent for a in record.get("actors") or ()),
+        tenant is None or subject.get("tenant") == tenant,
+        task is None or credential.get("task") == task,
+        model is None or record.get("model") == model,
+        tool is None or tool in _tools(record),
+        decision is None or (bool(verdict) and verdict.get("allowed") is (decision == "allow")),
+    )
+    return all(checks)
+
+
+def query(
+    path: Path,
+    *,
+    subject: str | None = None,
+    agent: str | None = None,
+    tenant: str | None = None,
+    task: str | None = None,
+    model: str | None = None,
+    tool: str | None = None,
+    decision: str | None = None,
+    since: str | float | None = None,
+    until: str | float | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """The `request` records that match every filter given, newest first, at most `limit`.
+
+    `subject` is the subject's id; `agent` any actor's id in the chain; `tool` a tool
+    offered, removed or flagged; `decision` "allow" or "deny" (records without a policy
+    decision, e.g. unauthenticated calls, match neither). `since`/`until` take epoch
+    seconds, ISO-8601 or an age like `2h`, `7d`.
+    """
+    if decision not in (None, "allow", "deny"):
+        raise ValueError(f"decision must be `allow` or `deny`, not `{decision}`")
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    found: list[dict[str, Any]] = []
+    for record in _rows(path, _epoch(since, float("-inf")), _epoch(until, float("inf")), subject):
+        if _matches(record, agent=agent, tenant=tenant, task=task, model=model, tool=tool, decision=decision):
+            found.append(record)
+            if len(found) >= limit:
+                break
+    return found
+
+
+def table_row(record: dict[str, Any]) -> list[str]:
+    """One line of `idgate audit query`'s table, in `TABLE_HEADER`'s order."""
+    subject = record.get("subject") or {}
+    verdict = record.get("decision")
+    if verdict is None:
+        decided = "-"
+    else:
+        decided = ("allow" if verdict.get("allowed") else "deny") + (
+            f": {verdict['reason']}" if verdict.get("reason") else ""
+        )
+    who = subject.get("id") or "-"
+    if subject.get("tenant"):
+        who += f"@{subject['tenant']}"
+    return [
+        format_time(record["time"]),
+        record["request_id"],
+        who,
+        ">".join(a.get("id", "?") for a in record.get("actors") or ()) or "-",
+        record.get("model") or "-",
+        decided,
+        str(record.get("status")),
+    ]
+
+
+def _who(principal: dict[str, Any]) -> str:
+    tenant = f" (tenant {principal['tenant']})" if principal.get("tenant") else ""
+    return f"{principal.get('kind') or 'caller'} `{principal.get('id')}`{tenant}"
+
+
+def _listed(names: list[str] | None) -> str:
+    return ", ".join(f"`{n}`" for n in names) if names else "none"
+
+
+def _sentences(record: dict[str, Any]) -> list[str]:
+    when = format_time(record["time"])
+    lines = [f"Request `{record['request_id']}` at {when}: {record.get('method')} {record.get('path')}."]
+    subject = record.get("subject")
+    if subject is None:
+        lines.append("Who: nobody verified; the caller was not authenticated.")
+    else:
+        groups = f", groups {_listed(subject.get('groups'))}" if subject.get("groups") else ""
+        lines.append(f"Who: {_who(subject)}, issued by `{subject.get('issuer')}`{groups}.")
+        actors = record.get("actors") or []
+        if actors:
+            chain = " acting for ".join(
+                f"{a.get('kind') or 'agent'} `{a.get('id')}`"
+                + (f" (issuer `{a['issuer']}`)" if a.get("issuer") else "")
+                for a in actors
+            )
+            lines.append(f"On whose behalf: {chain} acting for {_who(subject)}.")
+        else:
+            lines.append(f"On whose behalf: no agent in between; {_who(subject)} called directly.")
+    credential = record.get("credential")
+    if credential is not None:
+        task = f", for task `{credential['task']}`" if credential.get("task") else ", for no task"
+        expires = f", expiring {format_time(credential['expires_at'])}" if credential.get("expires_at") else ""
+        lines.append(
+            f"Credential: {credential.get('kind')} `{credential.get('id')}` from issuer `{credential.get('issuer')}`,"
+            f" binding {credential.get('binding') or 'none'}{task}{expires}."
+        )
+    verdict = record.get("decision")
+    if verdict is None:
+        lines.append("Decision: none was made (the request ended before policy was consulted).")
+    else:
+        allowed = "allowed" if verdict.get("allowed") else "refused"
+        policies = _listed(verdict.get("policies"))
+        text = f"Decision `{verdict.get('id')}`: {allowed} (reason: {verdict.get('reason') or 'none given'});"
+        text += f" policies {policies}; policy set revision `{verdict.get('revision')}`."
+        if verdict.get("errors"):
+            text += f" Errors: {'; '.join(str(e) for e in verdict['errors'])}."
+        if verdict.get("denied_for"):
+            text += f" Denied for: {verdict['denied_for']}."
+        lines.append(text)
+    model = record.get("model")
+    if model is not None:
+        route = f" via provider `{record['provider']}`" if record.get("provider") else ""
+        if record.get("upstream_model"):
+            route += f" (upstream model `{record['upstream_model']}`)"
+        data_class = record.get("data_class") or "unclassified"
+        findings = record.get("findings") or []
+        found = (
+            "; findings: "
+            + ", ".join(f"{f.get('detector')} ({f.get('data_class')}) x{f.get('count')}" for f in findings)
+            if findings
+            else "; no detector findings"
+        )
+        if verdict is not None and not verdict.get("allowed"):
+            lines.append(
+                f"Model: `{model}`{route} was asked for, data class {data_class}{found}; nothing was forwarded."
+            )
+        else:
+            stream = ", streamed" if record.get("stream") else ""
+            lines.append(f"Model: `{model}`{route} saw data class {data_class}{found}{stream}.")
+    if record.get("tools_offered") or record.get("tools_removed") or record.get("tool_calls_flagged"):
+        lines.append(
+            f"Tools: offered {_listed(record.get('tools_offered'))}; removed {_listed(record.get('tools_removed'))};"
+            f" tool calls flagged {_listed(record.get('tool_calls_flagged'))}."
+        )
+    else:
+        lines.append("Tools: none offered.")
+    outcome = f"Outcome: {record.get('outcome')} (status {record.get('status')}) in {record.get('latency_ms')} ms"
+    if record.get("first_byte_ms") is not None:
+        outcome += f", first byte at {record['first_byte_ms']} ms"
+    error = record.get("error")
+    if error:
+        outcome += f"; error `{error.get('code')}`: {error.get('message')}"
+    usage = record.get("usage")
+    if usage:
+        outcome += "; usage " + ", ".join(f"{k} {v}" for k, v in usage.items() if isinstance(v, int | float))
+    lines.append(outcome + ".")
+    return lines
+
+
+def explain(path: Path, request_id: str) -> str:
+    """One request's story, one sentence a line; `UnknownRequest` if the trail has no such request."""
+    connection = _connect(path)
+    try:
+        row = connection.execute(
+            "SELECT record FROM audit_records WHERE request_id = ? AND kind = 'request' ORDER BY seq LIMIT 1",
+            (request_id,),
+        ).fetchone()
+    finally:
+        connection.close()
+    if row is None:
+        raise UnknownRequest(request_id)
+    return "\n".join(_sentences(orjson.loads(row[0])))
