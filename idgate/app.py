@@ -47,6 +47,8 @@ log = logging.getLogger("idgate")
 
 Handler = Callable[[Request, Send], Awaitable[None]]
 
+PROTECTED_RESOURCE_PATH = "/.well-known/oauth-protected-resource"
+
 
 class _SharedSession:
     """One aiohttp session for fetching keys, opened when the loop runs."""
@@ -174,7 +176,11 @@ class IdgateApp:
         # The token service's issuer is one the gateway trusts: its tokens come back as credentials.
         sts = build_sts(config.sts, config.server, config.home) if config.sts.enabled else None
         issuers = _issuers(config, self._fetch) + ([sts.issuer] if sts is not None else [])
-        self.authenticator = Authenticator(issuers, clock_skew=config.server.clock_skew_seconds)
+        self.authenticator = Authenticator(
+            issuers,
+            clock_skew=config.server.clock_skew_seconds,
+            resource_metadata=f"{config.server.url}{PROTECTED_RESOURCE_PATH}",
+        )
         self.policies = policy_store(config)
         self.authorizer = CedarAuthorizer(self.policies, max_delegation_depth=config.policy.max_delegation_depth)
         classifier = Classifier(DataClasses(config.data_classes.levels), config.data_classes.detectors or None)
@@ -210,6 +216,7 @@ class IdgateApp:
             "/v1/models": {"GET": self.gateway.models},
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
+            PROTECTED_RESOURCE_PATH: {"GET": self._protected_resource},
         }
         if sts is not None:
             self._routes.update(sts.routes(self.authenticator, self.authorizer))
@@ -273,6 +280,18 @@ class IdgateApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _protected_resource(self, request: Request, send: Send) -> None:
+        """RFC 9728: what this resource is and where its tokens come from (named in every 401)."""
+        url = self.config.server.url
+        servers = ([url] if self.config.sts.enabled else []) + [i.issuer for i in self.config.issuers]
+        metadata = {
+            "resource": url,
+            "authorization_servers": servers,
+            "bearer_methods_supported": ["header"],
+            "resource_name": "idgate",
+        }
+        await send_json(send, 200, metadata, request.id)
 
     async def _healthz(self, request: Request, send: Send) -> None:
         await send_json(send, 200, {"status": "ok"}, request.id)

@@ -74,6 +74,8 @@ class ConfigError(IdgateError):
 class AuthenticationError(IdgateError):
     status = 401
     type = "authentication_error"
+    # Where clients find out how to get a token (RFC 9728), named in the WWW-Authenticate challenge.
+    resource_metadata: str | None = None
 
 
 class MissingCredential(AuthenticationError):

@@ -26,7 +26,7 @@ import orjson
 from joserfc import jws
 from joserfc.errors import JoseError
 
-from idgate.errors import InvalidToken, MissingCredential, shown
+from idgate.errors import AuthenticationError, InvalidToken, MissingCredential, shown
 from idgate.identity.issuers import OidcIssuer, SpiffeIssuer, TokenIssuer
 from idgate.identity.principal import Caller
 
@@ -75,24 +75,31 @@ class Authenticator:
         clock_skew: float = 60.0,
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.time,
+        resource_metadata: str | None = None,
     ) -> None:
+        """`resource_metadata`: the RFC 9728 metadata URL every refusal points clients to."""
         self._by_iss = {i.issuer: i for i in issuers if isinstance(i, OidcIssuer)}
         self._by_domain = {i.trust_domain: i for i in issuers if isinstance(i, SpiffeIssuer)}
         self._skew = clock_skew
         self._clock = clock
         self._cache: dict[bytes, _Verified] = {}
         self._cache_size = cache_size
+        self._resource_metadata = resource_metadata
 
     async def authenticate(self, authorization: bytes | None) -> Caller:
-        token = bearer_token(authorization)
-        digest = hashlib.sha256(token.encode()).digest()
-        now = self._clock()
-        hit = self._cache.get(digest)
-        if hit is not None:
-            if now <= hit.expires_at + self._skew and (hit.kid is None or hit.issuer.keys.has(hit.kid)):
-                return hit.caller
-            del self._cache[digest]
-        verified = await self._verify(token, digest, now)
+        try:
+            token = bearer_token(authorization)
+            digest = hashlib.sha256(token.encode()).digest()
+            now = self._clock()
+            hit = self._cache.get(digest)
+            if hit is not None:
+                if now <= hit.expires_at + self._skew and (hit.kid is None or hit.issuer.keys.has(hit.kid)):
+                    return hit.caller
+                del self._cache[digest]
+            verified = await self._verify(token, digest, now)
+        except AuthenticationError as refusal:
+            refusal.resource_metadata = self._resource_metadata
+            raise
         self._remember(digest, verified, now)
         return verified.caller
 

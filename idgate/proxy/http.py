@@ -141,11 +141,14 @@ def error_payload(error: IdgateError, request_id: str, decision_id: str | None =
 
 
 def _challenge(error: AuthenticationError) -> bytes:
+    challenge = 'Bearer realm="idgate"'
+    if error.resource_metadata:
+        challenge += f', resource_metadata="{error.resource_metadata}"'
     if isinstance(error, InvalidToken):
         # Messages can quote token contents: keep the header to safe printable ASCII.
         description = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in error.message)
-        return f'Bearer realm="idgate", error="invalid_token", error_description="{description}"'.encode()
-    return b'Bearer realm="idgate"'
+        challenge += f', error="invalid_token", error_description="{description}"'
+    return challenge.encode()
 
 
 async def send_error(send: Send, error: IdgateError, request_id: str, decision_id: str | None = None) -> None:
