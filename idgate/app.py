@@ -219,7 +219,7 @@ class IdgateApp:
             PROTECTED_RESOURCE_PATH: {"GET": self._protected_resource},
         }
         if sts is not None:
-            self._routes.update(sts.routes(self.authenticator, self.authorizer))
+            self._routes.update(sts.routes(self.authenticator, self.authorizer, self.audit.emit))
 
     async def startup(self) -> None:
         self.audit.start()

@@ -9,7 +9,7 @@ from typing import Any
 from idgate.identity.principal import Caller
 from idgate.policy.decision import Decision
 
-__all__ = ["RequestFacts", "request_record"]
+__all__ = ["RequestFacts", "exchange_record", "request_record"]
 
 REQUEST_RECORD_VERSION = 1
 
@@ -104,4 +104,37 @@ def request_record(facts: RequestFacts) -> dict[str, Any]:
         "latency_ms": round((time.perf_counter() - facts.started_mono) * 1000, 3),
         "first_byte_ms": facts.first_byte_ms,
         "usage": facts.usage,
+    }
+
+
+EXCHANGE_RECORD_VERSION = 1
+
+
+def exchange_record(
+    request_id: str,
+    *,
+    status: int,
+    caller: Caller | None = None,
+    claims: dict[str, Any] | None = None,
+    decisions: tuple[Decision, ...] = (),
+    error: str | None = None,
+) -> dict[str, Any]:
+    """A token exchange: who got which token (its id, audience, scope, lifetime), never the token."""
+    issued = None
+    if claims is not None:
+        issued = {k: claims.get(k) for k in ("jti", "aud", "scope", "exp", "task")}
+    return {
+        "kind": "token_exchange",
+        "version": EXCHANGE_RECORD_VERSION,
+        "request_id": request_id,
+        "time": time.time(),
+        **_caller(caller),
+        "issued": issued,
+        "decisions": [
+            {"id": d.id, "allowed": d.allowed, "policies": list(d.policies), "reason": d.reason, "revision": d.revision}
+            for d in decisions
+        ],
+        "status": status,
+        "outcome": "ok" if status == 200 else "refused" if status < 500 else "error",
+        "error": None if error is None else {"code": error},
     }

@@ -13,6 +13,7 @@ refused with 401 `invalid_client` rather than silently ignored.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,9 +21,16 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from idgate.errors import BadRequest, PayloadTooLarge
+from idgate.audit.records import exchange_record
+from idgate.errors import BadRequest, PayloadTooLarge, ServiceUnavailable
 from idgate.proxy.http import Request, Send, send_bytes
-from idgate.sts.errors import InvalidClient, InvalidRequest, OAuthError, UnsupportedGrantType
+from idgate.sts.errors import (
+    InvalidClient,
+    InvalidRequest,
+    OAuthError,
+    TemporarilyUnavailable,
+    UnsupportedGrantType,
+)
 from idgate.sts.exchange import SUBJECT_TOKEN_TYPES, ExchangeRequest, TokenExchange, parse_scope
 from idgate.sts.keys import SigningKeys
 
@@ -94,8 +102,17 @@ def _exchange_request(params: dict[str, list[str]]) -> ExchangeRequest:
 class OAuthEndpoints:
     """The handlers; `routes()` gives them by path and method for the app's route table."""
 
-    def __init__(self, exchange: TokenExchange, keys: SigningKeys, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        exchange: TokenExchange,
+        keys: SigningKeys,
+        *,
+        max_body_bytes: int,
+        record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """`record`: where each exchange's audit record goes (it raises when it cannot take one)."""
         self._exchange = exchange
+        self._record = record
         self._keys = keys
         self._max_body = max_body_bytes
         issuer = exchange.issuer
@@ -129,9 +146,22 @@ class OAuthEndpoints:
                 )
             issued = await self._exchange.exchange(_exchange_request(params))
         except OAuthError as error:
+            self._audit_quietly(exchange_record(request.id, status=error.status, error=error.error))
             await self._send_error(send, error, request.id, params)
             return
         minted = issued.minted
+        if self._record is not None:
+            try:
+                # INVARIANT: no token leaves unrecorded; a trail that cannot record refuses.
+                self._record(
+                    exchange_record(
+                        request.id, status=200, caller=issued.caller, claims=minted.claims, decisions=issued.decisions
+                    )
+                )
+            except ServiceUnavailable:
+                unavailable = TemporarilyUnavailable("the audit trail cannot record right now; no token was issued")
+                await self._send_error(send, unavailable, request.id, params)
+                return
         body: dict[str, Any] = {
             "access_token": minted.token,
             "issued_token_type": issued.issued_token_type,
@@ -149,6 +179,11 @@ class OAuthEndpoints:
             request.id,
         )
         await send_bytes(send, 200, orjson.dumps(body), request.id, extra=NO_STORE)
+
+    def _audit_quietly(self, record: dict[str, Any]) -> None:
+        if self._record is not None:
+            with contextlib.suppress(ServiceUnavailable):
+                self._record(record)
 
     async def jwks(self, request: Request, send: Send) -> None:
         extra = ((b"cache-control", b"public, max-age=60"),)

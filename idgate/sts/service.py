@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from idgate.config import ClaimsConfig, IssuerConfig, ServerConfig
 from idgate.identity.authenticator import Authenticator
@@ -59,7 +60,13 @@ class Sts:
     default_audience: str
     clock: Callable[[], float] = time.time
 
-    def routes(self, authenticator: Authenticator, authorizer: Authorizer) -> dict[str, dict[str, Handler]]:
+    def routes(
+        self,
+        authenticator: Authenticator,
+        authorizer: Authorizer,
+        record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, dict[str, Handler]]:
+        """The OAuth endpoints; `record` takes each exchange's audit record (e.g. `AuditWriter.emit`)."""
         minter = TokenMinter(self.keys, self.issuer.issuer, self.clock)
         exchange = TokenExchange(
             authenticator,
@@ -69,7 +76,8 @@ class Sts:
             ttl_seconds=self.settings.token_ttl_seconds,
             clock=self.clock,
         )
-        return OAuthEndpoints(exchange, self.keys, max_body_bytes=self.settings.max_body_bytes).routes()
+        endpoints = OAuthEndpoints(exchange, self.keys, max_body_bytes=self.settings.max_body_bytes, record=record)
+        return endpoints.routes()
 
 
 def build_sts(settings: StsSettings, server: ServerConfig, home: Path) -> Sts:

@@ -235,3 +235,28 @@ def test_no_error_echoes_a_token(sts_gateway: StsGateway, issuer: TestIssuer, ca
     for token in (subject, actor):
         for start in range(0, len(token) - 16, 16):
             assert token[start : start + 16].encode() not in reply.raw
+
+
+def test_every_exchange_is_on_record_without_its_tokens(sts_gateway: StsGateway, issuer: TestIssuer) -> None:
+    subject, actor = human(issuer), agent(issuer)
+    issued = sts_gateway.exchange(subject, actor)
+    assert issued.status == 200
+    refused(sts_gateway.exchange("not-a-jwt-at-all"), "invalid_grant")
+    records = [r for r in sts_gateway.gateway.records() if r["kind"] == "token_exchange"]
+    ok, bad = records[-2], records[-1]
+    claims = verified(sts_gateway, issued.body["access_token"])
+    assert ok["outcome"] == "ok" and ok["subject"]["id"] == "alice"
+    assert [a["id"] for a in ok["actors"]] == ["agent-7"]
+    assert ok["issued"]["jti"] == claims["jti"] and ok["issued"]["aud"] == claims["aud"]
+    assert ok["decisions"] and all(d["allowed"] for d in ok["decisions"])
+    assert bad["outcome"] == "refused" and bad["error"] == {"code": "invalid_grant"} and bad["subject"] is None
+    trail = str(records)
+    for token in (subject, actor, issued.body["access_token"]):
+        assert token.split(".")[2] not in trail
+
+
+def test_no_token_is_issued_when_the_trail_cannot_record(sts_gateway: StsGateway, issuer: TestIssuer) -> None:
+    sts_gateway.gateway.app.audit.close()  # the writer stops: nothing more can be recorded
+    reply = sts_gateway.exchange(human(issuer), agent(issuer))
+    assert reply.status == 503 and reply.body["error"] == "temporarily_unavailable"
+    assert "access_token" not in reply.body
