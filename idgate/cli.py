@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     config_commands.add_parser("schema", help="print the JSON schema of the config file")
 
+    keys = commands.add_parser("keys", help="manage the gateway's signing keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    rotate = keys_commands.add_parser(
+        "rotate", help="make a new signing key; the previous ones stay published (sts.previous_keys)"
+    )
+    rotate.add_argument("--config", help="YAML config file (default: $IDGATE_CONFIG, else the embedded default)")
+
     audit = commands.add_parser("audit", help="check the audit trail")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     audit_verify = audit_commands.add_parser(
@@ -321,6 +328,17 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from idgate.sts.keys import SigningKeys
+
+    config = load_config(args.config)
+    keys = SigningKeys.open(config.home, config.sts.algorithm)
+    kid = keys.rotate(keep=config.sts.previous_keys, algorithm=config.sts.algorithm)
+    published = [key["kid"] for key in keys.jwks()["keys"]]
+    print(f"new signing key `{kid}`; published: {', '.join(f'`{k}`' for k in published)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -333,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _policy(args)
         if args.command == "audit":
             return _audit(args)
+        if args.command == "keys":
+            return _keys(args)
         return _config(args)
     except ConfigError as error:
         where = f"{getattr(args, 'file', None) or getattr(args, 'config', None) or 'config'}"
