@@ -166,15 +166,16 @@ class IdgateApp:
         self._watcher: asyncio.Task[None] | None = None
         self.providers = _providers(config)
         routes = {m.name: Route(m, self.providers[m.provider]) for m in config.models}
-        # The chain's checkpoints are signed with the gateway's key (the one the token service uses).
+        # One signing key signs the chain's checkpoints and the token service's tokens.
+        keys = SigningKeys.open(config.home, config.sts.algorithm)
         self.audit = AuditWriter(
             config.audit_path,
             config.audit.flush_interval_seconds,
-            sign=checkpoint_signer(SigningKeys.open(config.home, config.sts.algorithm)),
+            sign=checkpoint_signer(keys),
             checkpoint_every=config.audit.checkpoint_every,
         )
         # The token service's issuer is one the gateway trusts: its tokens come back as credentials.
-        sts = build_sts(config.sts, config.server, config.home) if config.sts.enabled else None
+        sts = build_sts(config.sts, config.server, config.home, keys) if config.sts.enabled else None
         issuers = _issuers(config, self._fetch) + ([sts.issuer] if sts is not None else [])
         self.authenticator = Authenticator(
             issuers,

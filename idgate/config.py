@@ -44,6 +44,7 @@ __all__ = [
     "default_config",
     "load_config",
     "parse_config",
+    "read_yaml",
 ]
 
 ASYMMETRIC_ALGORITHMS = (
@@ -451,24 +452,28 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     return config
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in `path`; a `ConfigError` names the file, and the line and problem of bad YAML."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{what} `{path}` cannot be read: {exc.strerror}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None)
+        raise ConfigError([f"`{path}` is not valid YAML{where}" + (f": {problem}" if problem else "")]) from None
+
+
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Load FILE, or `$IDGATE_CONFIG`, or the embedded default when neither is given."""
     env = os.environ if env is None else env
     path = path or env.get("IDGATE_CONFIG") or None
     if path is None:
         return default_config(env)
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError([f"config file `{path}` cannot be read: {exc.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None)
-        raise ConfigError([f"`{path}` is not valid YAML{where}" + (f": {problem}" if problem else "")]) from None
-    config = parse_config(data, env)
+    config = parse_config(read_yaml(Path(path), "config file"), env)
     base = Path(path).resolve().parent
     policy = config.policy.model_copy(
         update={

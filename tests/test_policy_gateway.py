@@ -29,6 +29,17 @@ def tool(name: str) -> Any:  # a ChatCompletionFunctionToolParam
     return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
 
 
+def tools_gateway(
+    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path, **policy: Any
+) -> Gateway:
+    """A gateway whose entity data entitles everyone to two of the function tools (TOOLS_ENTITIES)."""
+    entities = tmp_path / "entities.yaml"
+    entities.write_text(TOOLS_ENTITIES)
+    config = base_config(issuer, upstream)
+    config["policy"] = {"entities": [str(entities)], **policy}
+    return make_gateway(config)
+
+
 def sdk(gateway: Gateway, token: str, **headers: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=token, max_retries=0, default_headers=headers)
 
@@ -95,11 +106,7 @@ def test_delegation_needs_a_human_task(gateway: Gateway, issuer: TestIssuer) -> 
 def test_unentitled_tools_are_removed_before_the_model_sees_them(
     make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path
 ) -> None:
-    entities = tmp_path / "entities.yaml"
-    entities.write_text(TOOLS_ENTITIES)
-    config = base_config(issuer, upstream)
-    config["policy"] = {"entities": [str(entities)]}
-    gateway = make_gateway(config)
+    gateway = tools_gateway(make_gateway, issuer, upstream, tmp_path)
     with sdk(gateway, issuer.mint()) as client:
         client.chat.completions.create(
             model="gpt-test",
@@ -118,11 +125,7 @@ def test_unentitled_tools_are_removed_before_the_model_sees_them(
 def test_unentitled_tools_can_refuse_the_request(
     make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path
 ) -> None:
-    entities = tmp_path / "entities.yaml"
-    entities.write_text(TOOLS_ENTITIES)
-    config = base_config(issuer, upstream)
-    config["policy"] = {"entities": [str(entities)], "unentitled_tools": "refuse"}
-    gateway = make_gateway(config)
+    gateway = tools_gateway(make_gateway, issuer, upstream, tmp_path, unentitled_tools="refuse")
     with sdk(gateway, issuer.mint()) as client, pytest.raises(openai.PermissionDeniedError, match="delete_account"):
         client.chat.completions.create(
             model="gpt-test",
@@ -171,11 +174,7 @@ def test_tool_calls_for_unentitled_tools_are_flagged(
     make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path
 ) -> None:
     """A model asking for a tool the caller may not use: flagged in the answer and the record."""
-    entities = tmp_path / "entities.yaml"
-    entities.write_text(TOOLS_ENTITIES)
-    config = base_config(issuer, upstream)
-    config["policy"] = {"entities": [str(entities)]}
-    gateway = make_gateway(config)
+    gateway = tools_gateway(make_gateway, issuer, upstream, tmp_path)
     upstream.mode = "rogue-tool"
     with sdk(gateway, issuer.mint()) as client:
         reply = client.chat.completions.with_raw_response.create(

@@ -23,9 +23,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from idgate.config import read_yaml
 from idgate.errors import ConfigError
 
 __all__ = [
@@ -211,14 +211,4 @@ def parse_entity_data(data: Any, source: str = "entity data") -> EntityData:
 
 def load_entity_data(path: Path) -> EntityData:
     """Read a YAML (or JSON) entity file."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([f"entity file `{path}` cannot be read: {exc.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError([f"entity file `{path}` is not valid YAML{where}"]) from None
-    return parse_entity_data(data, f"`{path}`")
+    return parse_entity_data(read_yaml(path, "entity file"), f"`{path}`")

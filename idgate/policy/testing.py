@@ -27,9 +27,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from idgate.config import read_yaml
 from idgate.errors import ConfigError
 from idgate.identity.principal import Actor, Caller, Credential, Principal
 from idgate.policy.cedar import CedarAuthorizer
@@ -191,14 +191,7 @@ class PolicyTests:
 def load_policy_tests(path: str | Path) -> PolicyTests:
     """Read and check a test file; `ConfigError` says what is wrong and where."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError([f"test file `{path}` cannot be read: {exc.strerror}"]) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError([f"test file `{path}` is not valid YAML{where}"]) from None
+    data = read_yaml(path, "test file")
     try:
         spec = PolicyTestFile.model_validate(data)
     except ValidationError as exc:

@@ -80,9 +80,9 @@ class Sts:
         return endpoints.routes()
 
 
-def build_sts(settings: StsSettings, server: ServerConfig, home: Path) -> Sts:
-    """Open (or create) the signing keys in `home` and make the gateway's issuer at `server.url`."""
-    keys = SigningKeys.open(home, settings.algorithm)
+def build_sts(settings: StsSettings, server: ServerConfig, home: Path, keys: SigningKeys | None = None) -> Sts:
+    """The token service with the signing keys in `home` (opened, or created, unless `keys` are given)."""
+    keys = keys or SigningKeys.open(home, settings.algorithm)
     audiences = server.accepted_audiences
     issuer = gateway_issuer(keys, server.url, audiences)
     return Sts(settings, keys, issuer, settings.default_audience or audiences[0])
