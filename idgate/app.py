@@ -17,6 +17,7 @@ from idgate.config import Config, IssuerConfig, SpiffeIssuerConfig, load_config
 from idgate.errors import IdgateError, MethodNotAllowed, NotFound, shown
 from idgate.identity.authenticator import Authenticator
 from idgate.identity.devissuer import DevIssuer, dev_issuer_config
+from idgate.identity.gate import Gate
 from idgate.identity.issuers import OidcIssuer, SpiffeIssuer, TokenIssuer
 from idgate.identity.keys import JWKSLoader, KeySet, file_loader, http_loader
 from idgate.identity.pseudonym import Pseudonyms
@@ -182,11 +183,13 @@ class IdgateApp:
             clock_skew=config.server.clock_skew_seconds,
             resource_metadata=f"{config.server.url}{PROTECTED_RESOURCE_PATH}",
         )
+        # Identity, then the per-call checks of the credential (binding, liveness): every endpoint asks the gate.
+        self.gate = Gate(self.authenticator, resource_metadata=f"{config.server.url}{PROTECTED_RESOURCE_PATH}")
         self.policies = policy_store(config)
         self.authorizer = CedarAuthorizer(self.policies, max_delegation_depth=config.policy.max_delegation_depth)
         classifier = Classifier(DataClasses(config.data_classes.levels), config.data_classes.detectors or None)
         self.gateway = Gateway(
-            authenticator=self.authenticator,
+            gate=self.gate,
             authorizer=self.authorizer,
             admission=Admission(
                 self.authorizer,
@@ -201,7 +204,7 @@ class IdgateApp:
             max_body_bytes=config.server.max_body_bytes,
         )
         authzen = AuthZen(
-            self.authenticator,
+            self.gate,
             self.authorizer,
             base_url=config.server.url,
             allowed_subjects=config.authzen.allowed_subjects,

@@ -53,6 +53,23 @@ def _string(claims: dict[str, Any], name: str | None) -> str | None:
     return value
 
 
+def _confirmation(claims: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The key (`jkt`) or certificate (`x5t#S256`) thumbprint a token is bound to (RFC 7800 `cnf`)."""
+    cnf = claims.get("cnf")
+    if cnf is None:
+        return None, None
+    if not isinstance(cnf, dict):
+        raise InvalidToken("claim `cnf` must be an object")
+    jkt, x5t = cnf.get("jkt"), cnf.get("x5t#S256")
+    if jkt is None and x5t is None:
+        # A confirmation method this gateway cannot check: refuse rather than accept it unbound.
+        raise InvalidToken("claim `cnf` names no confirmation method this gateway supports (`jkt`, `x5t#S256`)")
+    for name, value in (("jkt", jkt), ("x5t#S256", x5t)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise InvalidToken(f"claim `cnf.{name}` must be a non-empty string")
+    return jkt, x5t
+
+
 class TokenIssuer:
     """What every trusted issuer does; subclasses map claims to a principal."""
 
@@ -94,13 +111,21 @@ class TokenIssuer:
 
     def _credential(self, claims: dict[str, Any], token_id: str, expires_at: float) -> Credential:
         jti = claims.get("jti")
-        task = claims.get("task")
+        jkt, x5t = _confirmation(claims)
+        parents = claims.get("parents", [])
+        if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+            raise InvalidToken("claim `parents` must be a list of token ids")
         return Credential(
             kind=self.credential_kind,
             id=jti if isinstance(jti, str) and jti else token_id,
             issuer_name=self.name,
             expires_at=expires_at,
-            task=task if isinstance(task, str) else None,
+            binding="dpop" if jkt is not None else "mtls" if x5t is not None else "none",
+            task=_string(claims, "task"),
+            session=_string(claims, "sid"),
+            parents=tuple(parents),
+            jkt=jkt,
+            x5t=x5t,
         )
 
 

@@ -33,7 +33,15 @@ class Actor:
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """What the caller presented, described without the secret itself."""
+    """What the caller presented, described without the secret itself.
+
+    `binding` says what the token is bound to (RFC 7800 `cnf`): a DPoP key
+    (`jkt`, RFC 9449) or a client certificate (`x5t#S256`, RFC 8705); the
+    identity stage refuses a bound token presented without that proof.
+    `session` is the `sid` of the login session the token derives from, and
+    `parents` the ids of the tokens it was exchanged from (nearest first), so
+    that ending a session, a task or a parent token ends this one too.
+    """
 
     kind: Literal["jwt", "jwt-svid", "dev"]
     id: str  # the `jti`, or a short hash of the token when it has none
@@ -41,6 +49,10 @@ class Credential:
     expires_at: float
     binding: Binding = "none"
     task: str | None = None
+    session: str | None = None
+    parents: tuple[str, ...] = ()
+    jkt: str | None = None  # `cnf.jkt`: the SHA-256 thumbprint of the DPoP key the token is bound to
+    x5t: str | None = None  # `cnf.x5t#S256`: the SHA-256 thumbprint of the client certificate it is bound to
 
 
 @dataclass(frozen=True, slots=True)

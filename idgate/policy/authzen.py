@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from idgate.errors import BadRequest, Forbidden, IdgateError
-from idgate.identity.authenticator import Authenticator
+from idgate.identity.gate import Gate
 from idgate.identity.principal import Actor, Caller, Credential, Principal
 from idgate.policy.decision import Authorizer, Decision, Resource
 from idgate.proxy.http import Request, Send, send_error
@@ -152,7 +152,7 @@ class AuthZen:
 
     def __init__(
         self,
-        authenticator: Authenticator,
+        gate: Gate,
         authorizer: Authorizer,
         *,
         base_url: str,
@@ -160,7 +160,7 @@ class AuthZen:
         allowed_groups: tuple[str, ...],
         max_body_bytes: int,
     ) -> None:
-        self._authenticator = authenticator
+        self._gate = gate
         self._authorizer = authorizer
         self._base = base_url
         self._subjects = frozenset(allowed_subjects)
@@ -185,7 +185,7 @@ class AuthZen:
 
     async def _handle(self, request: Request, send: Send, *, batch: bool) -> None:
         try:
-            asker = await self._authenticator.authenticate(request.header(b"authorization"))
+            asker = await self._gate.caller(request)
             if asker.subject.id not in self._subjects and self._groups.isdisjoint(asker.subject.groups):
                 raise Forbidden("this caller may not ask for decisions (config `authzen`)")
             body = await request.json_object(self._max_body)

@@ -31,7 +31,7 @@ from idgate.audit.records import RequestFacts, request_record
 from idgate.audit.writer import AuditWriter
 from idgate.config import ModelConfig
 from idgate.errors import BadRequest, IdgateError, UnknownModel, UpstreamError, shown
-from idgate.identity.authenticator import Authenticator
+from idgate.identity.gate import Gate
 from idgate.identity.principal import Caller
 from idgate.identity.pseudonym import Pseudonyms
 from idgate.policy.decision import Authorizer, Resource
@@ -65,7 +65,7 @@ class Gateway:
     def __init__(
         self,
         *,
-        authenticator: Authenticator,
+        gate: Gate,
         authorizer: Authorizer,
         admission: Admission,
         routes: Mapping[str, Route],
@@ -73,7 +73,7 @@ class Gateway:
         pseudonyms: Pseudonyms,
         max_body_bytes: int,
     ) -> None:
-        self._authenticator = authenticator
+        self._gate = gate
         self._authorizer = authorizer
         self._admission = admission
         self._routes = routes
@@ -92,7 +92,7 @@ class Gateway:
     async def models(self, request: Request, send: Send) -> None:
         facts = RequestFacts(request.id, request.method, request.path)
         try:
-            caller = facts.caller = await self._authenticator.authenticate(request.header(b"authorization"))
+            caller = facts.caller = await self._gate.caller(request)
             listed = self._visible_models(caller)
             self._audit.emit(self._finish(facts, 200))
         except IdgateError as error:
@@ -106,7 +106,7 @@ class Gateway:
         name = request.path.removeprefix("/v1/models/")
         facts.model = name
         try:
-            caller = facts.caller = await self._authenticator.authenticate(request.header(b"authorization"))
+            caller = facts.caller = await self._gate.caller(request)
             found = [m for m in self._visible_models(caller) if m["id"] == name]
             if not found:
                 raise UnknownModel(f"model `{shown(name)}` does not exist")
@@ -128,7 +128,7 @@ class Gateway:
     async def _call(self, request: Request, send: Send, endpoint: Endpoint, kind: str) -> None:
         facts = RequestFacts(request.id, request.method, request.path)
         try:
-            facts.caller = await self._authenticator.authenticate(request.header(b"authorization"))
+            facts.caller = await self._gate.caller(request)
             body = await request.json_object(self._max_body)
             route = self._route(body, kind, facts)
             self._admit(facts.caller, route, body, request, facts)
