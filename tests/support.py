@@ -25,6 +25,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
 from idgate.app import IdgateApp, build_app
+from idgate.audit.records import stories
 from idgate.audit.writer import read_records
 from idgate.config import Config, parse_config, with_listen
 
@@ -157,6 +158,7 @@ class Upstream:
     received: list[dict[str, Any]] = field(default_factory=list)
     abandoned: threading.Event = field(default_factory=threading.Event)  # "drip": the reader went away
     server: AiohttpServer | None = None
+    on_request: Callable[[dict[str, Any]], None] | None = None  # sees each body as it arrives (before answering)
 
     def start(self) -> Upstream:
         app = web.Application()
@@ -177,6 +179,8 @@ class Upstream:
     async def _record(self, request: web.Request) -> dict[str, Any]:
         body: dict[str, Any] = orjson.loads(await request.read())
         self.received.append({"headers": dict(request.headers), "body": body})
+        if self.on_request is not None:
+            self.on_request(body)
         return body
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -333,18 +337,22 @@ class Gateway:
         with contextlib.suppress(SystemExit):
             self.server.run()
 
-    def records(self) -> list[dict[str, Any]]:
-        """The audit records written so far (after letting the writer catch up)."""
+    def raw_records(self) -> list[dict[str, Any]]:
+        """The audit records written so far (after letting the writer catch up), as stored."""
         self.app.audit.flush()
         return read_records(self.config.audit_path)
 
+    def records(self) -> list[dict[str, Any]]:
+        """One merged view per request (`idgate.audit.records.stories`) of the records written so far."""
+        return stories(self.raw_records())
+
     def record(self, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
-        """The one audit record of a request (a stream's is written just after its last byte)."""
+        """A request's records merged into one view, once it has ended (a stream's end comes after its last byte)."""
         found: list[dict[str, Any]] = []
 
         def written() -> bool:
             found[:] = [r for r in self.records() if r["request_id"] == request_id]
-            return bool(found)
+            return bool(found) and "status" in found[0]
 
         wait_for(written, timeout)
         assert len(found) == 1, found

@@ -20,6 +20,7 @@ import yaml
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from idgate.audit.records import stories
 from idgate.audit.writer import read_records
 from idgate.config import config_schema
 from tests.support import free_port, raw_request, wait_for
@@ -320,7 +321,7 @@ def test_serve_the_embedded_default(serve: Any, home: Path, tmp_path: Path) -> N
     # uvicorn shuts down gracefully, then re-raises the signal: the exit status says "ended by SIGTERM".
     assert served.stop() in (0, -signal.SIGTERM)
     assert "Finished server process" in served.output and "Traceback" not in served.output
-    records = read_records(home / "audit.db")  # flushed on the way out
+    records = stories(read_records(home / "audit.db"))  # flushed on the way out; one view per request
     assert [r["status"] for r in records] == [200, 200, 401]
     assert [r["subject"] and r["subject"]["id"] for r in records] == ["alice", "carol", None]
 
@@ -346,7 +347,7 @@ def test_serve_with_two_workers(serve: Any, home: Path) -> None:
     assert served.stop() in (0, -signal.SIGTERM)
     assert "Traceback" not in served.output
     wait_for(lambda: not any(alive(pid) for pid in workers), timeout=10)  # orphans reaped by now
-    records = read_records(home / "audit.db")  # both workers wrote to the one trail
+    records = stories(read_records(home / "audit.db"))  # both workers wrote to the one trail
     assert len(records) == 13 and {r["subject"]["id"] for r in records} == {"dave"}
     assert (home / "effective-config.yaml").exists()
 

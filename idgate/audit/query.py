@@ -1,24 +1,26 @@
 """Ask the audit trail: find requests by who, for whom, what and when; tell one request's story.
 
-`query(path, ...)` filters the `request` records of the SQLite trail, newest
-first: by time and subject id in SQL (indexed columns), by everything else on
-the record itself. `explain(path, request_id)` says, in plain sentences, who
-made one request, on whose behalf, with what credential, what was decided and
-why, which model saw which data class, and how it ended. Both only read: the
-file is opened read-only.
+A request's records (identity, decision, model, actions: `idgate.audit.records`)
+are merged into one view (`story`). `query(trail, ...)` finds requests by their
+identity record, newest first: by time and subject id in the store (indexed
+columns), by everything else on the merged view. `explain(trail, request_id)`
+says, in plain sentences, who made one request, on whose behalf, with what
+credential, what was decided and why (every decision), which model saw which
+data class, which actions were taken with which credentials, and how it ended.
+Both only read.
 """
 
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
+from idgate.audit.records import story
+from idgate.audit.stores import SqliteStore, Store
 
 __all__ = ["TABLE_HEADER", "UnknownRequest", "explain", "format_time", "parse_when", "query", "table_row"]
 
@@ -56,26 +58,14 @@ def format_time(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    if not path.is_file():
-        raise FileNotFoundError(f"no audit trail at `{path}`")
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+def _store(trail: Path | Store) -> Store:
+    return SqliteStore(trail) if isinstance(trail, Path) else trail
 
 
-_SELECT = (
-    "SELECT record FROM audit_records WHERE kind = 'request' AND time >= ? AND time <= ?"
-    " AND (? IS NULL OR subject = ?) ORDER BY time DESC, seq DESC"
-)
-
-
-def _rows(path: Path, since: float, until: float, subject: str | None) -> Iterator[dict[str, Any]]:
-    """The `request` records in [since, until] (of `subject`, if given), newest first."""
-    connection = _connect(path)
-    try:
-        for (body,) in connection.execute(_SELECT, (since, until, subject, subject)):
-            yield orjson.loads(body)
-    finally:
-        connection.close()
+def _rows(store: Store, since: float, until: float, subject: str | None) -> Iterator[dict[str, Any]]:
+    """Each request's story whose identity record is in [since, until] (of `subject`, if given), newest first."""
+    for record in store.records(since, until, subject, ("identity",)):
+        yield story(store.request_records(record["request_id"]))
 
 
 def _epoch(value: str | float | None, default: float) -> float:
@@ -88,6 +78,10 @@ def _tools(record: dict[str, Any]) -> set[str]:
     names: set[str] = set()
     for key in ("tools_offered", "tools_removed", "tool_calls_flagged"):
         names.update(record.get(key) or ())
+    for action in record.get("actions") or ():
+        if action.get("action") == "tool_call" and action.get("target"):
+            names.add(str(action["target"]).rsplit("/", 1)[-1])
+            names.add(str(action["target"]))
     return names
 
 
@@ -116,7 +110,7 @@ def _matches(
 
 
 def query(
-    path: Path,
+    trail: Path | Store,
     *,
     subject: str | None = None,
     agent: str | None = None,
@@ -129,7 +123,7 @@ def query(
     until: str | float | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
-    """The `request` records that match every filter given, newest first, at most `limit`.
+    """The requests (their records merged by `story`) that match every filter given, newest first, at most `limit`.
 
     `subject` is the subject's id; `agent` any actor's id in the chain; `tool` a tool
     offered, removed or flagged; `decision` "allow" or "deny" (records without a policy
@@ -141,7 +135,7 @@ def query(
     if limit < 1:
         raise ValueError("limit must be at least 1")
     found: list[dict[str, Any]] = []
-    for record in _rows(path, _epoch(since, float("-inf")), _epoch(until, float("inf")), subject):
+    for record in _rows(_store(trail), _epoch(since, float("-inf")), _epoch(until, float("inf")), subject):
         if _matches(record, agent=agent, tenant=tenant, task=task, model=model, tool=tool, decision=decision):
             found.append(record)
             if len(found) >= limit:
@@ -184,7 +178,8 @@ def _listed(names: list[str] | None) -> str:
 
 def _sentences(record: dict[str, Any]) -> list[str]:
     when = format_time(record["time"])
-    lines = [f"Request `{record['request_id']}` at {when}: {record.get('method')} {record.get('path')}."]
+    trace = f" (trace `{record['trace_id']}`)" if record.get("trace_id") else ""
+    lines = [f"Request `{record['request_id']}`{trace} at {when}: {record.get('method')} {record.get('path')}."]
     subject = record.get("subject")
     if subject is None:
         lines.append("Who: nobody verified; the caller was not authenticated.")
@@ -210,17 +205,23 @@ def _sentences(record: dict[str, Any]) -> list[str]:
             f" binding {credential.get('binding') or 'none'}{task}{expires}."
         )
     verdict = record.get("decision")
-    if verdict is None:
+    decisions = record.get("decisions") or ([verdict] if verdict else [])
+    if not decisions:
         lines.append("Decision: none was made (the request ended before policy was consulted).")
-    else:
-        allowed = "allowed" if verdict.get("allowed") else "refused"
-        policies = _listed(verdict.get("policies"))
-        text = f"Decision `{verdict.get('id')}`: {allowed} (reason: {verdict.get('reason') or 'none given'});"
-        text += f" policies {policies}; policy set revision `{verdict.get('revision')}`."
-        if verdict.get("errors"):
-            text += f" Errors: {'; '.join(str(e) for e in verdict['errors'])}."
-        if verdict.get("denied_for"):
-            text += f" Denied for: {verdict['denied_for']}."
+    for one in decisions:
+        allowed = "allowed" if one.get("allowed") else "refused"
+        policies = _listed(one.get("policies"))
+        resource = one.get("resource") or {}
+        what = f" {one['action']} on {resource.get('type')} `{resource.get('id')}`" if one.get("action") else ""
+        text = f"Decision `{one.get('id')}`{what}: {allowed} (reason: {one.get('reason') or 'none given'});"
+        text += f" policies {policies}; policy set revision `{one.get('revision')}`."
+        context = one.get("context")
+        if context:
+            text += " Context: " + ", ".join(f"{k} {v}" for k, v in context.items() if v is not None) + "."
+        if one.get("errors"):
+            text += f" Errors: {'; '.join(str(e) for e in one['errors'])}."
+        if one.get("denied_for"):
+            text += f" Denied for: {one['denied_for']}."
         lines.append(text)
     model = record.get("model")
     if model is not None:
@@ -249,6 +250,21 @@ def _sentences(record: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append("Tools: none offered.")
+    for action in record.get("actions") or ():
+        details = action.get("details") or {}
+        said = ", ".join(f"{k} `{v}`" for k, v in details.items() if isinstance(v, str | int | float))
+        lines.append(
+            f"Action: {action.get('action')} on `{action.get('target')}`: {action.get('outcome')}"
+            + (f" ({said})" if said else "")
+            + "."
+        )
+    if record.get("prompt_sha256"):
+        completion = record.get("completion_sha256")
+        lines.append(
+            f"Content: prompt SHA-256 `{record['prompt_sha256']}`"
+            + (f", completion SHA-256 `{completion}`" if completion else "")
+            + " (the content itself is not recorded)."
+        )
     outcome = f"Outcome: {record.get('outcome')} (status {record.get('status')}) in {record.get('latency_ms')} ms"
     if record.get("first_byte_ms") is not None:
         outcome += f", first byte at {record['first_byte_ms']} ms"
@@ -262,16 +278,9 @@ def _sentences(record: dict[str, Any]) -> list[str]:
     return lines
 
 
-def explain(path: Path, request_id: str) -> str:
+def explain(trail: Path | Store, request_id: str) -> str:
     """One request's story, one sentence a line; `UnknownRequest` if the trail has no such request."""
-    connection = _connect(path)
-    try:
-        row = connection.execute(
-            "SELECT record FROM audit_records WHERE request_id = ? AND kind = 'request' ORDER BY seq LIMIT 1",
-            (request_id,),
-        ).fetchone()
-    finally:
-        connection.close()
-    if row is None:
+    records = _store(trail).request_records(request_id)
+    if not records:
         raise UnknownRequest(request_id)
-    return "\n".join(_sentences(orjson.loads(row[0])))
+    return "\n".join(_sentences(story(records)))

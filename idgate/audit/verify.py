@@ -1,9 +1,12 @@
 """Prove the audit trail unaltered, or say exactly what was done to it and where.
 
-`verify(path, jwks)` walks the records in `seq` order and checks, for each,
+`verify(trail, jwks)` walks the records in `seq` order and checks, for each,
 that its content still gives its hash, that no `seq` is missing, and that it
 links to the record before it. Then each checkpoint: its signature, and that
 the chain still holds the head it signed. Reading only; it never writes.
+
+Retention deletes the oldest records up to a signed checkpoint and keeps that
+checkpoint: the chain is then checked from the hash it signs.
 
 What the chain cannot show: records cut from the tail together with every
 checkpoint that covered them. Checkpoints kept (or exported) elsewhere close
@@ -12,7 +15,6 @@ that gap.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import orjson
 
 from idgate.audit.chain import GENESIS, canonical, link, read_checkpoint
+from idgate.audit.stores import ChainRow, CheckpointRow, SqliteStore, Store
 
 __all__ = ["Problem", "Report", "verify"]
 
@@ -57,29 +60,39 @@ class Report:
         return [*self.notes, *(str(p) for p in self.problems), summary]
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    if not path.is_file():
-        raise FileNotFoundError(f"no audit trail at `{path}`")
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-
-
-def verify(path: Path, jwks: dict[str, Any]) -> Report:
-    """Check the trail in the SQLite file `path`; checkpoint signatures against the keys of `jwks`."""
-    connection = _connect(path)
-    try:
-        rows = connection.execute(
-            "SELECT seq, request_id, kind, time, record, prev_hash, hash FROM audit_records ORDER BY seq"
-        ).fetchall()
-        checkpoints = connection.execute("SELECT id, seq, hash, jws FROM audit_checkpoints ORDER BY id").fetchall()
-    finally:
-        connection.close()
+def verify(trail: Path | Store, jwks: dict[str, Any]) -> Report:
+    """Check the trail (a SQLite file, or a store); checkpoint signatures against the keys of `jwks`."""
+    store = SqliteStore(trail) if isinstance(trail, Path) else trail
+    rows = store.chain_rows()
+    checkpoints = store.checkpoint_rows()
     report = Report(records=len(rows), checkpoints=len(checkpoints))
-    _check_chain(rows, report)
-    _check_checkpoints(rows, checkpoints, jwks, report)
+    start = _anchor(rows, checkpoints, jwks, report)
+    _check_chain(rows, report, start)
+    _check_checkpoints(rows, checkpoints, jwks, report, start[0])
     return report
 
 
-def _check_chain(rows: list[tuple[Any, ...]], report: Report) -> None:
+def _anchor(
+    rows: list[ChainRow], checkpoints: list[CheckpointRow], jwks: dict[str, Any], report: Report
+) -> tuple[int, str]:
+    """Where the chain starts: GENESIS at seq 0, or a signed checkpoint that retention kept as its anchor."""
+    first = rows[0][0] if rows else None
+    if first is None or first == 1 or rows[0][5] is None:
+        return 0, GENESIS
+    for _, seq, digest, token in checkpoints:
+        if seq != first - 1:
+            continue
+        try:
+            claims = read_checkpoint(token, jwks)
+        except ValueError:
+            continue  # reported with the other checkpoints
+        if (claims["seq"], claims["hash"]) == (seq, digest):
+            report.notes.append(f"note: seq 1..{seq} pruned by retention; the chain is anchored at checkpoint {seq}")
+            return seq, digest
+    return 0, GENESIS
+
+
+def _check_chain(rows: list[ChainRow], report: Report, start: tuple[int, str]) -> None:
     problems = report.problems
     where = {row[6]: row[0] for row in rows if row[6] is not None}  # hash -> seq
     legacy = 0
@@ -87,8 +100,8 @@ def _check_chain(rows: list[tuple[Any, ...]], report: Report) -> None:
         legacy += 1  # written before the trail was chained: nothing to check them against
     if legacy:
         report.notes.append(f"note: seq {rows[0][0]}..{rows[legacy - 1][0]} predate the hash chain; not verified")
-    last_seq = rows[legacy - 1][0] if legacy else 0
-    last_hash = GENESIS  # the chain starts at GENESIS, after any records that predate it
+    last_seq = rows[legacy - 1][0] if legacy else start[0]
+    last_hash = start[1]  # the chain starts at GENESIS (or its anchor), after any records that predate it
     for seq, request_id, kind, when, blob, prev_hash, digest in rows[legacy:]:
         what = f"seq {seq} (request `{request_id}`)"
         if seq > last_seq + 1:
@@ -133,7 +146,7 @@ def _check_record(
 
 
 def _check_checkpoints(
-    rows: list[tuple[Any, ...]], checkpoints: list[tuple[Any, ...]], jwks: dict[str, Any], report: Report
+    rows: list[ChainRow], checkpoints: list[CheckpointRow], jwks: dict[str, Any], report: Report, anchor: int
 ) -> None:
     by_seq = {row[0]: row[6] for row in rows}
     last = rows[-1][0] if rows else 0
@@ -152,6 +165,8 @@ def _check_checkpoints(
                 )
             )
         signed_seq, signed_hash = claims["seq"], claims["hash"]
+        if anchor and signed_seq <= anchor:
+            continue  # the anchor (checked above), or one left from before pruning
         if signed_seq not in by_seq:
             if signed_seq > last:
                 report.problems.append(

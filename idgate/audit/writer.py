@@ -1,133 +1,165 @@
 """The audit writer: records leave the request path at once, land in batches.
 
-`emit()` appends to a deque (no lock, no wake-up); a background thread drains
-it on a short timer and writes each batch in one SQLite transaction (WAL,
-`synchronous=NORMAL`). If the store fails, the writer turns unhealthy, and
-`emit()` refuses: the gateway fails closed rather than act unrecorded.
+Two ways in:
 
-Each record is chained to the one before it (`idgate.audit.chain`). The writer
-takes the chain's head inside the batch's own write transaction (`BEGIN
-IMMEDIATE`), so several processes appending to one file extend one chain.
-Every `checkpoint_every` records, and at a clean close, it signs the head into
-`audit_checkpoints` when it was given a signer.
+- `emit(record)` appends to a queue and returns: the record is committed with
+  the next batch (within `flush_interval` seconds). For what is written after
+  the fact (how a request ended, an action taken).
+- `await commit(*records)` appends and wakes the writer, and resolves when the
+  batch holding the records is committed: the group commit that puts a
+  request's decision on record *before* its upstream call (invariant 6).
+  Concurrent requests share one transaction; a commit that fails or takes
+  longer than `commit_timeout` raises `ServiceUnavailable`.
+
+A background thread writes each batch in one transaction of its `Store`
+(SQLite by default, PostgreSQL: `idgate.audit.stores`). If the store fails,
+the writer turns unhealthy and `emit()` / `commit()` refuse: the gateway fails
+closed rather than act unrecorded. The records that were already past (how
+requests ended) are retried until the store takes them; the records of a
+commit that failed are dropped, as their requests were refused. When the
+store is back, the writer is healthy again, and it records how many reads
+went unrecorded meanwhile (`note_unrecorded_read`, for `fail_open_reads`).
+
+The store chains each record to the one before it (`idgate.audit.chain`),
+taking the head inside the batch's own write transaction, so several
+processes appending to one trail extend one chain, and signs the head every
+`checkpoint_every` records and at a clean close.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from idgate.audit.chain import GENESIS, CheckpointSigner, link
+from idgate.audit.chain import CheckpointSigner
+from idgate.audit.records import action_record
+from idgate.audit.stores import DEFAULT_CHECKPOINT_EVERY, SqliteStore, Store, read_records
 from idgate.errors import ServiceUnavailable
 
-__all__ = ["AuditWriter", "read_records"]
+__all__ = ["DEFAULT_CHECKPOINT_EVERY", "AuditWriter", "read_records"]
 
 log = logging.getLogger("idgate.audit")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit_records (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    time REAL NOT NULL,
-    subject TEXT,
-    record BLOB NOT NULL,
-    prev_hash TEXT,
-    hash TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_records_request ON audit_records (request_id);
-CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (time);
-CREATE TABLE IF NOT EXISTS audit_checkpoints (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    seq INTEGER NOT NULL,
-    hash TEXT NOT NULL,
-    time REAL NOT NULL,
-    jws TEXT NOT NULL
-);
-"""
-
-DEFAULT_CHECKPOINT_EVERY = 1000
+RETRY_SECONDS = 0.5
+PRUNE_EVERY_SECONDS = 3600.0
+_UNAVAILABLE = "the audit trail cannot record right now; nothing was forwarded"
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, check_same_thread=False, timeout=10.0, isolation_level=None)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=NORMAL")
-    connection.executescript(_SCHEMA)
-    columns = {row[1] for row in connection.execute("PRAGMA table_info(audit_records)")}
-    for column in ("prev_hash", "hash"):  # a trail written before the chain: its records stay unchained
-        if column not in columns:
-            try:
-                connection.execute(f"ALTER TABLE audit_records ADD COLUMN {column} TEXT")
-            except sqlite3.OperationalError as exc:  # another process added it first
-                if "duplicate column" not in str(exc):
-                    raise
-    return connection
+class _Waiter:
+    """One `commit()` call: resolved on its loop when the batch holding its records is committed."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+        self.loop = loop
+        self.future = future
 
 
-def _head(connection: sqlite3.Connection) -> tuple[int, str]:
-    """The last record's seq and hash (0 and `GENESIS` for an empty trail); call inside the write transaction."""
-    row = connection.execute("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1").fetchone()
-    return (0, GENESIS) if row is None else (row[0], row[1] or GENESIS)
+def _settle(waiters: list[_Waiter], error: str | None) -> None:
+    """On the waiters' loop: resolve (or fail) each future still waiting."""
+    for waiter in waiters:
+        if not waiter.future.done():
+            if error is None:
+                waiter.future.set_result(None)
+            else:
+                waiter.future.set_exception(ServiceUnavailable(_UNAVAILABLE))
 
 
-def _last_checkpoint(connection: sqlite3.Connection) -> int:
-    row = connection.execute("SELECT max(seq) FROM audit_checkpoints").fetchone()
-    return int(row[0] or 0)
+Sink = Callable[[list[dict[str, Any]]], None]
+"""Called on the writer's thread with each committed batch (exports); must not raise."""
 
 
 class AuditWriter:
     def __init__(
         self,
-        path: Path,
+        path: Path | None = None,
         flush_interval: float = 0.005,
         *,
         sign: CheckpointSigner | None = None,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        store: Store | None = None,
+        commit_timeout: float = 5.0,
+        sinks: tuple[Sink, ...] = (),
+        retention_seconds: float | None = None,
     ) -> None:
-        """`sign` signs checkpoints of the chain's head (none are written without it)."""
-        if checkpoint_every < 1:
-            raise ValueError("checkpoint_every must be at least 1")
+        """A writer into `store`, or into a SQLite trail at `path`; `sign` signs checkpoints (none without it).
+
+        `sinks` get each committed batch (exports); `retention_seconds` prunes older records
+        at start and hourly (`Store.prune`).
+        """
+        if store is None:
+            if path is None:
+                raise ValueError("give a store or a path")
+            store = SqliteStore(path, sign=sign, checkpoint_every=checkpoint_every)
+        self.store = store
         self.path = path
         self._interval = flush_interval
-        self._sign = sign
-        self._checkpoint_every = checkpoint_every
-        self._pending: deque[dict[str, Any]] = deque()
+        self._commit_timeout = commit_timeout
+        self._sinks = sinks
+        self._retention = retention_seconds
+        self._next_prune = 0.0
+        # (record, waiter): a record with a waiter belongs to a commit() call.
+        self._pending: deque[tuple[dict[str, Any], _Waiter | None]] = deque()
+        self._retry: list[tuple[dict[str, Any], _Waiter | None]] = []
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: str | None = None
+        self._unrecorded: list[float] = []  # times of reads served while the store was down
         self.emitted = 0  # counted on the event loop's thread
         self.written = 0  # counted on the writer's thread, after each commit
+        self.dropped = 0  # records of failed commits (their requests were refused)
+        self.batches = 0
 
     @property
     def healthy(self) -> bool:
         return self._error is None and self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = _connect(self.path)  # fail at start, not on the first request
-        self._thread = threading.Thread(target=self._run, args=(connection,), name="idgate-audit", daemon=True)
+        self.store.open()  # fail at start, not on the first request
+        self._thread = threading.Thread(target=self._run, name="idgate-audit", daemon=True)
         self._thread.start()
 
     def check(self) -> None:
         """Raise `ServiceUnavailable` unless records can be taken."""
         if not self.healthy:
-            raise ServiceUnavailable("the audit trail cannot record right now; nothing was forwarded")
+            raise ServiceUnavailable(_UNAVAILABLE)
 
     def emit(self, record: dict[str, Any]) -> None:
+        """Queue `record` for the next batch; `ServiceUnavailable` if the trail cannot take it."""
         self.check()
-        self._pending.append(record)
+        self._pending.append((record, None))
         self.emitted += 1
+
+    async def commit(self, *records: dict[str, Any]) -> None:
+        """Queue `records` and return once they are committed; `ServiceUnavailable` if they are not."""
+        self.check()
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop, loop.create_future())
+        for record in records:
+            self._pending.append((record, waiter))
+        self.emitted += len(records)
+        if not self._wake.is_set():
+            self._wake.set()
+        try:
+            async with asyncio.timeout(self._commit_timeout):
+                await waiter.future
+        except TimeoutError:
+            raise ServiceUnavailable(_UNAVAILABLE) from None
+
+    def note_unrecorded_read(self) -> None:
+        """A read served while the store was down (`audit.fail_open_reads`); on record when it is back."""
+        self._unrecorded.append(time.time())
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -135,90 +167,137 @@ class AuditWriter:
         """Wait until what was emitted so far is committed (tests, shutdown); False if it was not."""
         target = self.emitted
         deadline = time.monotonic() + timeout
-        while self.written < target:
+        self._wake.set()
+        while self.written + self.dropped < target:
             if not self.healthy or time.monotonic() > deadline:
                 return False
-            time.sleep(self._interval / 2)
+            time.sleep(self._interval / 4)
         return True
 
-    def _run(self, connection: sqlite3.Connection) -> None:
+    # -- the writer's thread ---------------------------------------------------------
+
+    def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                time.sleep(self._interval)
-                self._drain(connection)
-            self._drain(connection)
-            if self._sign is not None:
-                self._close_checkpoint(connection)
-        except Exception as exc:  # noqa: BLE001 - any failure to record stops the gateway from acting
-            self._error = f"{type(exc).__name__}: {exc}"
-            log.error("audit store failed, refusing requests: %s", self._error)
+                self._wake.wait(RETRY_SECONDS if self._error else self._interval)
+                self._wake.clear()
+                self._drain()
+                if self._retention is not None and self._error is None and time.monotonic() >= self._next_prune:
+                    self._prune()
+            self._drain()
+            if self._error is None:
+                self.store.close_checkpoint()
+        except Exception as exc:  # noqa: BLE001 - a bug here stops the gateway from acting
+            self._fail(f"{type(exc).__name__}: {exc}")
         finally:
-            connection.close()
+            self._fail_waiters(self._take())
+            self.store.close()
+            for sink in self._sinks:
+                close = getattr(sink, "close", None)
+                if close is not None:
+                    close()
 
-    def _drain(self, connection: sqlite3.Connection) -> None:
-        if not self._pending:
-            return
-        batch: list[dict[str, Any]] = []
+    def _take(self) -> list[tuple[dict[str, Any], _Waiter | None]]:
+        batch = self._retry
+        self._retry = []
         pop = self._pending.popleft
         try:
             while True:
                 batch.append(pop())
         except IndexError:
             pass
-        # INVARIANT: the head is read and extended under one write lock, so no other
-        # writer appends between them; `seq` then follows the batch's order.
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            _, prev = _head(connection)
-            rows = []
-            for r in batch:
-                body = orjson.dumps(r, option=orjson.OPT_SORT_KEYS)  # the canonical bytes (chain.canonical)
-                digest = link(prev, body)
-                rows.append(
-                    (r["request_id"], r["kind"], r["time"], (r.get("subject") or {}).get("id"), body, prev, digest)
-                )
-                prev = digest
-            connection.executemany(
-                "INSERT INTO audit_records (request_id, kind, time, subject, record, prev_hash, hash)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            if self._sign is not None:
-                seq = connection.execute("SELECT last_insert_rowid()").fetchone()[0]
-                if seq - _last_checkpoint(connection) >= self._checkpoint_every:
-                    self._checkpoint(connection, seq, prev)
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        self.written += len(rows)
+        return batch
 
-    def _checkpoint(self, connection: sqlite3.Connection, seq: int, digest: str) -> None:
-        assert self._sign is not None
-        now = time.time()
-        token = self._sign({"seq": seq, "hash": digest, "time": now})
-        connection.execute(
-            "INSERT INTO audit_checkpoints (seq, hash, time, jws) VALUES (?, ?, ?, ?)", (seq, digest, now, token)
+    def _drain(self) -> None:
+        batch = self._take()
+        if not batch and not (self._error is None and self._unrecorded):
+            if self._error is not None:
+                self._probe()
+            return
+        records = [item[0] for item in batch]
+        if self._error is None and self._unrecorded:
+            records.append(self._unrecorded_record())
+        try:
+            self.store.append(records)
+        except Exception as exc:  # noqa: BLE001 - any failure to record stops the gateway from acting
+            self._fail(f"{type(exc).__name__}: {exc}")
+            # Records of requests that already went on are kept for the next try; those
+            # of a commit() are dropped: their requests are refused.
+            self._retry = [item for item in batch if item[1] is None]
+            self.dropped += len(batch) - len(self._retry)
+            self._fail_waiters(batch)
+            return
+        if self._error is not None:
+            log.warning("audit store is back; recording again")
+            self._error = None
+        if records and records[-1].get("action") == "unrecorded_reads":
+            self._unrecorded.clear()
+        self.written += len(batch)
+        self.batches += 1
+        self._resolve(batch)
+        self._export(records)
+
+    def _export(self, records: list[dict[str, Any]]) -> None:
+        for sink in self._sinks:
+            try:
+                sink(records)
+            except Exception:  # an export failing loses copies, never records
+                log.exception("audit export failed")
+
+    def _prune(self) -> None:
+        assert self._retention is not None
+        self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
+        try:
+            pruned = self.store.prune(time.time() - self._retention)
+        except Exception as exc:  # noqa: BLE001 - pruning fails safe: nothing is deleted
+            log.warning("audit retention: pruning failed: %s", type(exc).__name__)
+            return
+        if pruned:
+            log.info("audit retention: %d records older than %.0f s pruned", pruned, self._retention)
+
+    def _probe(self) -> None:
+        """While unhealthy with nothing to retry: is the store back?"""
+        try:
+            self.store.ping()
+        except Exception:  # noqa: BLE001 - still down
+            return
+        log.warning("audit store is back; recording again")
+        self._error = None
+
+    def _unrecorded_record(self) -> dict[str, Any]:
+        times = self._unrecorded
+        return action_record(
+            f"unrecorded-{int(times[0] * 1000)}",
+            None,
+            None,
+            "unrecorded_reads",
+            "GET /v1/models",
+            "recorded_late",
+            {"count": len(times), "first": times[0], "last": times[-1], "recorded_at": time.time()},
         )
 
-    def _close_checkpoint(self, connection: sqlite3.Connection) -> None:
-        """At a clean close: sign the head unless a checkpoint already covers it."""
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            seq, digest = _head(connection)
-            if seq > _last_checkpoint(connection):
-                self._checkpoint(connection, seq, digest)
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+    def _fail(self, error: str) -> None:
+        if self._error is None:
+            log.error("audit store failed, refusing requests: %s", error)
+        self._error = error
 
+    @staticmethod
+    def _group(batch: list[tuple[dict[str, Any], _Waiter | None]]) -> dict[asyncio.AbstractEventLoop, list[_Waiter]]:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Waiter]] = {}
+        last: _Waiter | None = None
+        for _, waiter in batch:
+            if waiter is not None and waiter is not last:
+                by_loop.setdefault(waiter.loop, []).append(waiter)
+                last = waiter
+        return by_loop
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Every record, oldest first (for `idgate audit` and tests)."""
-    connection = sqlite3.connect(path)
-    try:
-        rows = connection.execute("SELECT record FROM audit_records ORDER BY seq").fetchall()
-    finally:
-        connection.close()
-    return [orjson.loads(row[0]) for row in rows]
+    def _resolve(self, batch: list[tuple[dict[str, Any], _Waiter | None]]) -> None:
+        # why: one call into each loop per batch, not one per waiter
+        for loop, waiters in self._group(batch).items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, waiters, None)
+
+    def _fail_waiters(self, batch: list[tuple[dict[str, Any], _Waiter | None]]) -> None:
+        for loop, waiters in self._group(batch).items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, waiters, self._error or "closed")

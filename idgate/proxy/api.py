@@ -7,9 +7,11 @@ Each call: the bearer token becomes a `Caller` (401 otherwise); the body is
 read within the size limit and parsed (400/413); the model is looked up (404);
 the authorizer decides (403 with the decision id); the request goes upstream
 with the upstream model name and a pseudonymous user id, never the caller's
-token (502/504 on failure; 4xx answers relayed as they are); and one audit
-record tells how it went. A stream that fails midway ends with an SSE error
-event (`data: {"error": ...}`); a caller who leaves a stream ends the upstream
+token (502/504 on failure; 4xx answers relayed as they are). The audit trail
+has the identity and decision records committed before the upstream call
+(invariant 6), and the model record (or, for a refusal, the identity and
+decision records) committed before the response completes. A stream that fails
+midway ends with an SSE error event (`data: {"error": ...}`); a caller who leaves a stream ends the upstream
 call; an unexpected exception is a 500 in the same error shape, never a
 traceback.
 Fields the gateway does not act on (`tools`, `tool_choice`,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
@@ -27,7 +30,13 @@ from typing import Any
 
 import orjson
 
-from idgate.audit.records import RequestFacts, request_record
+from idgate.audit.records import (
+    RequestFacts,
+    decision_record,
+    identity_record,
+    model_record,
+    parse_traceparent,
+)
 from idgate.audit.writer import AuditWriter
 from idgate.config import ModelConfig
 from idgate.errors import BadRequest, IdgateError, UnknownModel, UpstreamError, shown
@@ -72,7 +81,9 @@ class Gateway:
         audit: AuditWriter,
         pseudonyms: Pseudonyms,
         max_body_bytes: int,
+        fail_open_reads: bool = False,
     ) -> None:
+        """`fail_open_reads`: model listings are served (and counted) while the audit store is down."""
         self._gate = gate
         self._authorizer = authorizer
         self._admission = admission
@@ -80,6 +91,7 @@ class Gateway:
         self._audit = audit
         self._pseudonyms = pseudonyms
         self._max_body = max_body_bytes
+        self._fail_open_reads = fail_open_reads
 
     # -- endpoints -----------------------------------------------------------------
 
@@ -90,11 +102,11 @@ class Gateway:
         await self._call(request, send, "embeddings", "embedding")
 
     async def models(self, request: Request, send: Send) -> None:
-        facts = RequestFacts(request.id, request.method, request.path)
+        facts = _facts(request)
         try:
             caller = facts.caller = await self._gate.caller(request)
             listed = self._visible_models(caller)
-            self._audit.emit(self._finish(facts, 200))
+            await self._record_read(facts)
         except IdgateError as error:
             await self._refuse(send, facts, error)
             return
@@ -102,7 +114,7 @@ class Gateway:
 
     async def model(self, request: Request, send: Send) -> None:
         """`GET /v1/models/{id}`: one model, if this caller may use it (404 otherwise)."""
-        facts = RequestFacts(request.id, request.method, request.path)
+        facts = _facts(request)
         name = request.path.removeprefix("/v1/models/")
         facts.model = name
         try:
@@ -110,11 +122,20 @@ class Gateway:
             found = [m for m in self._visible_models(caller) if m["id"] == name]
             if not found:
                 raise UnknownModel(f"model `{shown(name)}` does not exist")
-            self._audit.emit(self._finish(facts, 200))
+            await self._record_read(facts)
         except IdgateError as error:
             await self._refuse(send, facts, error)
             return
         await send_json(send, 200, found[0], request.id)
+
+    async def _record_read(self, facts: RequestFacts) -> None:
+        """A read's record; with `fail_open_reads`, a store that is down lets it through, counted."""
+        try:
+            await self._audit.commit(*self._finish(facts, 200))
+        except IdgateError:
+            if not self._fail_open_reads:
+                raise
+            self._audit.note_unrecorded_read()
 
     def _visible_models(self, caller: Caller) -> list[dict[str, Any]]:
         return [
@@ -126,25 +147,30 @@ class Gateway:
     # -- the pipeline ----------------------------------------------------------------
 
     async def _call(self, request: Request, send: Send, endpoint: Endpoint, kind: str) -> None:
-        facts = RequestFacts(request.id, request.method, request.path)
+        facts = _facts(request)
         try:
             facts.caller = await self._gate.caller(request)
             body = await request.json_object(self._max_body)
             route = self._route(body, kind, facts)
             self._admit(facts.caller, route, body, request, facts)
-            self._audit.check()  # fail closed: nothing goes upstream that could not be recorded
+            facts.note_body(body)
+            # INVARIANT 6: who asked and the decision are committed before the upstream call;
+            # a trail that cannot commit them refuses the call (503), and nothing is forwarded.
+            await self._audit.commit(*self._before_forwarding(facts))
+            facts.forwarded = True
             upstream_body = self._upstream_body(body, route, facts.caller)
             if facts.stream:
                 await self._relay_stream(request, send, route, endpoint, upstream_body, facts)
                 return
             answer = await route.provider.complete(endpoint, upstream_body)
+            facts.completion = hashlib.sha256(answer)
             answer = self._inspect_answer(answer, facts)
-            # INVARIANT: the record is handed to the writer before the caller gets the answer;
-            # if the writer cannot take it, the caller gets a 503 instead.
-            self._audit.emit(self._finish(facts, 200))
+            # INVARIANT: the model record is committed before the caller gets the answer;
+            # if the trail cannot commit it, the caller gets a 503 instead.
+            await self._audit.commit(*self._finish(facts, 200))
         except UpstreamRejected as rejected:
             facts.error_code = "upstream_rejected"
-            self._audit_quietly(self._finish(facts, rejected.status))
+            await self._commit_quietly(self._finish(facts, rejected.status))
             await send_bytes(send, rejected.status, rejected.body, request.id, extra=rejected.headers)
             return
         except IdgateError as error:
@@ -256,9 +282,9 @@ class Gateway:
                 error = UpstreamError(f"upstream `{route.provider.name}` ended the stream early")
                 facts.error_code, facts.error = error.code, error.message
                 await send({"type": "http.response.body", "body": _error_event(error, facts), "more_body": True})
-            # The record goes to the writer before the response completes: a caller who has
+            # The model record is committed before the response completes: a caller who has
             # the whole answer can find its record.
-            self._audit_quietly(self._finish(facts, 200))
+            await self._commit_quietly(self._finish(facts, 200))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             # Ours to handle only if the caller left and nothing else (a shutdown) cancelled us too.
@@ -274,6 +300,7 @@ class Gateway:
         tail = b""
         chunk = first
         calls = _ToolCallScan()
+        digest = facts.completion = hashlib.sha256()
         try:
             while True:
                 if chunk:
@@ -284,6 +311,7 @@ class Gateway:
                         self._flag_streamed_calls(names, facts)
                     # why: a chunk of 64 bytes or more holds the whole tail; no need to copy it
                     tail = chunk[-64:] if len(chunk) >= 64 else (tail + chunk)[-64:]
+                    digest.update(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 chunk = await anext(chunks)
         except StopAsyncIteration:
@@ -307,20 +335,53 @@ class Gateway:
 
     # -- endings -------------------------------------------------------------------
 
-    def _finish(self, facts: RequestFacts, status: int) -> dict[str, Any]:
-        facts.status = status
-        return request_record(facts)
+    @staticmethod
+    def _before_forwarding(facts: RequestFacts) -> list[dict[str, Any]]:
+        records = [identity_record(facts, ended=False)]
+        decided = decision_record(facts)
+        if decided is not None:
+            records.append(decided)
+        return records
 
-    def _audit_quietly(self, record: dict[str, Any]) -> None:
+    def _finish(self, facts: RequestFacts, status: int) -> list[dict[str, Any]]:
+        """The request's last records: its model record if it was forwarded, else who asked (and the decision)."""
+        facts.status = status
+        if facts.forwarded:
+            return [model_record(facts)]
+        records = [identity_record(facts, ended=True)]
+        decided = decision_record(facts)
+        if decided is not None:
+            records.append(decided)
+        return records
+
+    def _emit(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self._audit.emit(record)
+
+    def _audit_quietly(self, records: list[dict[str, Any]]) -> None:
         """Record after the answer went out; a failing store shows on the next request."""
         with contextlib.suppress(IdgateError):
-            self._audit.emit(record)
+            self._emit(records)
+
+    async def _commit_quietly(self, records: list[dict[str, Any]]) -> None:
+        """Commit before the response completes; when the trail cannot, the answer still goes (it is a refusal,
+        or it is under way), and the failing store refuses the next request."""
+        with contextlib.suppress(IdgateError):
+            await self._audit.commit(*records)
 
     async def _refuse(self, send: Send, facts: RequestFacts, error: IdgateError) -> None:
         facts.error_code, facts.error = error.code, error.message
         decision_id = facts.decision.id if facts.decision is not None and not facts.decision.allowed else None
-        self._audit_quietly(self._finish(facts, error.status))
+        await self._commit_quietly(self._finish(facts, error.status))
         await send_error(send, error, facts.request_id, decision_id)
+
+
+def _facts(request: Request) -> RequestFacts:
+    """A request's facts, in the caller's trace if it sent a valid W3C `traceparent`."""
+    parent = parse_traceparent(request.header(b"traceparent"))
+    if parent is None:
+        return RequestFacts(request.id, request.method, request.path)
+    return RequestFacts(request.id, request.method, request.path, trace_id=parent[0], parent_span=parent[1])
 
 
 def _stream_usage(data: bytes) -> dict[str, Any] | None:

@@ -113,7 +113,7 @@ def test_explain_tells_the_delegated_story(trail: Trail) -> None:
     subject, credential, decision = record["subject"], record["credential"], record["decision"]
     assert record["actors"] and record["actors"][0]["id"] == AGENT and credential["task"] == TASK
     lines = story.splitlines()
-    assert lines[0].startswith(f"Request `{trail.delegated}` at ")
+    assert lines[0].startswith(f"Request `{trail.delegated}` (trace `{record['trace_id']}`) at ")
     assert f"Who: human `alice` (tenant acme), issued by `{subject['issuer']}`." in story
     assert f"On whose behalf: agent `{AGENT}` acting for human `alice` (tenant acme)." in story
     assert (
@@ -121,7 +121,11 @@ def test_explain_tells_the_delegated_story(trail: Trail) -> None:
         f" binding {credential['binding']}, for task `{TASK}`" in story
     )
     assert decision["allowed"] and decision["policies"]
-    assert f"Decision `{decision['id']}`: allowed (reason: {decision['reason']});" in story
+    assert (
+        f"Decision `{decision['id']}` invoke_model on model `gpt-test`: allowed (reason: {decision['reason']});"
+        in story
+    )
+    assert f"Context: data_class {record['data_class']}, task {TASK}, tenant acme." in story
     assert f"policies {', '.join(f'`{p}`' for p in decision['policies'])}" in story
     assert f"revision `{decision['revision']}`" in story
     assert (
@@ -133,13 +137,18 @@ def test_explain_tells_the_delegated_story(trail: Trail) -> None:
     assert "Tools: none offered." in story
     assert f"Outcome: ok (status 200) in {record['latency_ms']} ms" in story
     assert "total_tokens 6" in story
-    assert "bob@example.com" not in story  # never the prompt
+    assert "bob@example.com" not in story  # never the prompt, only its hash
+    assert f"Content: prompt SHA-256 `{record['prompt_sha256']}`, completion SHA-256 `" in story
+    # The story is told from separate, linked records: who, why, what the model saw.
+    assert record["kinds"] == ["identity", "decision", "model"]
 
 
 def test_explain_tells_a_refusal(trail: Trail) -> None:
     record = trail.records[trail.refused]
     story = explain(trail.path, trail.refused)
-    assert f"Decision `{record['decision']['id']}`: refused (reason: {record['decision']['reason']});" in story
+    verdict = record["decision"]
+    assert f"Decision `{verdict['id']}` invoke_model on model `beta-only`: refused (reason: tenant);" in story
+    assert record["kinds"] == ["identity", "decision"]  # nothing reached a model
     assert "Model: `beta-only`" in story and "nothing was forwarded" in story
     assert "no agent in between; human `alice` (tenant acme) called directly." in story
     assert "Outcome: refused (status 403)" in story

@@ -20,6 +20,7 @@ from tests.conftest import MakeGateway, base_config
 from tests.support import TestIssuer, Upstream, raw_request
 
 REQUESTS = 10
+RECORDS = 1 + 3 * REQUESTS  # config loaded; per request identity + decision (before forwarding), then model
 CHECKPOINT_EVERY = 4
 
 
@@ -86,9 +87,9 @@ def kinds(report: Report) -> list[str]:
 def test_an_untouched_trail_verifies(trail: Trail) -> None:
     report = trail.verify()
     assert report.ok, report.lines()
-    assert report.records == REQUESTS
+    assert report.records == RECORDS
     assert report.checkpoints >= 2  # at least one on the way, and one at the clean shutdown
-    assert report.lines() == [f"ok: {REQUESTS} records, {report.checkpoints} checkpoints, chain intact"]
+    assert report.lines() == [f"ok: {RECORDS} records, {report.checkpoints} checkpoints, chain intact"]
     result = trail.cli()
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == report.lines()[0]
@@ -114,10 +115,13 @@ def test_an_edited_index_column_is_named_altered(trail: Trail) -> None:
 
 
 def test_a_deleted_record_is_named_deleted(trail: Trail) -> None:
-    trail.sql("DELETE FROM audit_records WHERE seq = 5")
+    with closing(sqlite3.connect(trail.path)) as connection:
+        signed = {row[0] for row in connection.execute("SELECT seq FROM audit_checkpoints")}
+    seq = min(set(range(2, RECORDS)) - signed)  # a record no checkpoint names: only the chain can tell
+    trail.sql("DELETE FROM audit_records WHERE seq = ?", seq)
     report = trail.verify()
-    assert [(p.kind, p.seq) for p in report.problems] == [("deleted", 5)]
-    assert str(report.problems[0]) == "deleted: seq 5 missing, before seq 6"
+    assert [(p.kind, p.seq) for p in report.problems] == [("deleted", seq)]
+    assert str(report.problems[0]) == f"deleted: seq {seq} missing, before seq {seq + 1}"
     assert trail.cli().returncode == 1
 
 
@@ -139,7 +143,7 @@ def test_a_tail_cut_after_a_checkpoint_is_named_truncated(trail: Trail) -> None:
     report = trail.verify()
     assert "truncated" in kinds(report)
     assert set(kinds(report)) == {"truncated"}  # the chain itself is intact up to seq 6
-    assert f"signed seq {REQUESTS}, but the trail ends at seq 6" in str(report.problems[-1])
+    assert f"signed seq {RECORDS}, but the trail ends at seq 6" in str(report.problems[-1])
     result = trail.cli()
     assert result.returncode == 1 and "truncated:" in result.stdout
 
