@@ -76,6 +76,10 @@ class AuthenticationError(IdgateError):
     type = "authentication_error"
     # Where clients find out how to get a token (RFC 9728), named in the WWW-Authenticate challenge.
     resource_metadata: str | None = None
+    # The challenge's scheme and extra parameters (e.g. `DPoP`, `algs="ES256"`), and headers to add (`DPoP-Nonce`).
+    scheme: str = "Bearer"
+    challenge_params: str = ""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class MissingCredential(AuthenticationError):

@@ -10,6 +10,14 @@ A verified token is cached by its SHA-256 until it expires, so the hot path
 does not verify signatures again; a cache hit still checks expiry and that the
 signing key has not been removed from the issuer's key set (also for a token
 without `kid`, verified by the issuer's only key: the cache remembers which).
+
+The token comes as `Authorization: Bearer TOKEN` or, for a DPoP-bound token,
+`Authorization: DPoP TOKEN` (RFC 9449 §7.1); which scheme fits which token is
+the DPoP check's business (`idgate.identity.dpop.DPoPCheck`), not this one's.
+
+`verify_assertion` checks a token presented *to the token service* (a client's
+JWT-SVID, a JWT-bearer grant's assertion) the same way, except that the
+audience is the token service's and nothing is cached (such tokens are one-time).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from idgate.errors import AuthenticationError, InvalidToken, MissingCredential, 
 from idgate.identity.issuers import OidcIssuer, SpiffeIssuer, TokenIssuer
 from idgate.identity.principal import Caller
 
-__all__ = ["Authenticator", "bearer_token"]
+__all__ = ["Authenticator", "access_token", "bearer_token"]
 
 _EMBEDDED_KEY_HEADERS = ("jwk", "jku", "x5u", "x5c")
 
@@ -44,6 +52,16 @@ def bearer_token(authorization: bytes | None) -> str:
     if scheme.lower() != "bearer" or not token:
         raise MissingCredential("no bearer token; send `Authorization: Bearer TOKEN`")
     return token
+
+
+def access_token(authorization: bytes | None) -> str:
+    """The token of an `Authorization: Bearer ...` or `Authorization: DPoP ...` header value."""
+    if authorization:
+        scheme, _, token = authorization.decode("latin-1").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() in ("bearer", "dpop") and token:
+            return token
+    raise MissingCredential("no bearer token; send `Authorization: Bearer TOKEN`")
 
 
 def _b64json(segment: str, what: str) -> dict[str, Any]:
@@ -88,7 +106,7 @@ class Authenticator:
 
     async def authenticate(self, authorization: bytes | None) -> Caller:
         try:
-            token = bearer_token(authorization)
+            token = access_token(authorization)
             digest = hashlib.sha256(token.encode()).digest()
             now = self._clock()
             hit = self._cache.get(digest)
@@ -103,7 +121,15 @@ class Authenticator:
         self._remember(digest, verified, now)
         return verified.caller
 
-    async def _verify(self, token: str, digest: bytes, now: float) -> _Verified:
+    async def verify_assertion(self, token: str, audiences: frozenset[str]) -> tuple[Caller, dict[str, Any]]:
+        """Verify a token whose audience must be one of `audiences`; its caller and claims. Not cached."""
+        digest = hashlib.sha256(token.encode()).digest()
+        verified = await self._verify(token, digest, self._clock(), audiences)
+        return verified.caller, _b64json(token.split(".")[1], "payload")
+
+    async def _verify(
+        self, token: str, digest: bytes, now: float, audiences: frozenset[str] | None = None
+    ) -> _Verified:
         parts = token.split(".")
         if len(parts) != 3:
             raise InvalidToken("token is not a JWT (expected three `.`-separated parts)")
@@ -134,7 +160,14 @@ class Authenticator:
         except (JoseError, ValueError, TypeError):
             raise InvalidToken("token signature is invalid") from None
         expires_at = self._check_times(claims, now)
-        issuer.check_audience(claims)
+        if audiences is None:
+            issuer.check_audience(claims)
+        else:
+            aud = claims.get("aud")
+            values = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+            if audiences.isdisjoint(v for v in values if isinstance(v, str)):
+                expected = ", ".join(f"`{a}`" for a in sorted(audiences))
+                raise InvalidToken(f"token audience `{shown(aud)}` is not accepted here; expected {expected}")
         caller = issuer.caller(claims, "sha256:" + digest[:8].hex(), expires_at)
         return _Verified(caller, expires_at, issuer, key_id)
 

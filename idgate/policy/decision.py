@@ -17,7 +17,7 @@ from idgate.identity.principal import Caller
 __all__ = ["REASONS", "Authorizer", "Decision", "Resource"]
 
 # The categories a refused caller is shown; never policy text.
-REASONS = ("allowed", "tenant", "data_class", "tool", "scope", "delegation", "kind", "error")
+REASONS = ("allowed", "tenant", "data_class", "tool", "scope", "delegation", "kind", "binding", "error")
 
 
 @dataclass(frozen=True, slots=True)

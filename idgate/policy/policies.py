@@ -34,7 +34,7 @@ __all__ = [
     "compile_policies",
 ]
 
-FORBID_REASONS = ("tenant", "data_class", "tool", "scope", "delegation", "kind")
+FORBID_REASONS = ("tenant", "data_class", "tool", "scope", "delegation", "kind", "binding")
 # The schema's actions and the resource kinds each applies to.
 ACTIONS: dict[str, frozenset[str]] = {
     "invoke_model": frozenset({"model"}),

@@ -141,13 +141,15 @@ def error_payload(error: IdgateError, request_id: str, decision_id: str | None =
 
 
 def _challenge(error: AuthenticationError) -> bytes:
-    challenge = 'Bearer realm="idgate"'
+    challenge = f'{error.scheme} realm="idgate"'
     if error.resource_metadata:
         challenge += f', resource_metadata="{error.resource_metadata}"'
     if isinstance(error, InvalidToken):
         # Messages can quote token contents: keep the header to safe printable ASCII.
         description = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in error.message)
-        challenge += f', error="invalid_token", error_description="{description}"'
+        challenge += f', error="{error.code}", error_description="{description}"'
+    if error.challenge_params:
+        challenge += f", {error.challenge_params}"
     return challenge.encode()
 
 
@@ -155,6 +157,7 @@ async def send_error(send: Send, error: IdgateError, request_id: str, decision_i
     extra: Headers = []
     if isinstance(error, AuthenticationError):
         extra.append((b"www-authenticate", _challenge(error)))
+        extra.extend(error.headers)
     elif isinstance(error, MethodNotAllowed):
         extra.append((b"allow", ", ".join(error.allowed).encode()))
     await send_bytes(

@@ -1,19 +1,30 @@
 """The OAuth endpoints of the token service, on the gateway's raw ASGI layer.
 
-- `POST /oauth2/token`: token exchange (RFC 8693), form-encoded (RFC 6749 §3.2);
-  answers and errors as RFC 6749 §5.1/§5.2 JSON with `Cache-Control: no-store`.
+- `POST /oauth2/token`, form-encoded (RFC 6749 §3.2); answers and errors as
+  RFC 6749 §5.1/§5.2 JSON with `Cache-Control: no-store`. Grants:
+  token exchange (RFC 8693), the JWT bearer grant (RFC 7523 §2.1: `assertion`,
+  a token of a trusted issuer or a JWT-SVID, for a gateway token of its
+  subject) and `client_credentials` (an authenticated client's own token).
 - `GET /.well-known/jwks.json`: the public signing keys, current first.
 - `GET /.well-known/oauth-authorization-server`: RFC 8414 metadata.
 
-Client authentication: none yet (RFC 8693 allows public clients; the subject
-and actor tokens are the proof). A request that tries to authenticate as a
-client (an `Authorization` header, `client_secret`, `client_assertion`) is
-refused with 401 `invalid_client` rather than silently ignored.
+Client authentication (`idgate.sts.clients`): `private_key_jwt` or a JWT-SVID;
+secrets and HTTP Basic are refused with 401 `invalid_client`. Token exchange
+and the JWT bearer grant also serve public clients (the tokens are the proof).
+
+Sender constraint: a request with a valid `DPoP` proof (RFC 9449 §5) gets a
+token bound to the proof's key (`cnf.jkt`, `token_type: DPoP`); one arriving
+over mTLS with a client certificate gets it bound to the certificate
+(`cnf.x5t#S256`, RFC 8705) unless `sts.certificate_bound_tokens` is off.
+A bound token presented in the request is only accepted with a proof of its
+key or certificate. Proof errors: 400 `invalid_dpop_proof`, or
+`use_dpop_nonce` with a fresh `DPoP-Nonce` header.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,30 +33,58 @@ from urllib.parse import parse_qsl
 import orjson
 
 from idgate.audit.records import exchange_record
-from idgate.errors import BadRequest, PayloadTooLarge, ServiceUnavailable
+from idgate.errors import AuthenticationError, BadRequest, PayloadTooLarge, ServiceUnavailable
+from idgate.identity.dpop import DPoPVerifier, ProofError, single_proof
 from idgate.proxy.http import Request, Send, send_bytes
+from idgate.sts.client_settings import ASYMMETRIC
+from idgate.sts.clients import Client, ClientAuthenticator, ClientCredentials
 from idgate.sts.errors import (
     InvalidClient,
     InvalidRequest,
     OAuthError,
     TemporarilyUnavailable,
+    UnauthorizedClient,
     UnsupportedGrantType,
 )
-from idgate.sts.exchange import SUBJECT_TOKEN_TYPES, ExchangeRequest, TokenExchange, parse_scope
+from idgate.sts.exchange import JWT, SUBJECT_TOKEN_TYPES, ExchangeRequest, Issued, TokenExchange, parse_scope
 from idgate.sts.keys import SigningKeys
+from idgate.sts.tokens import Binding
 
-__all__ = ["TOKEN_EXCHANGE", "Handler", "OAuthEndpoints"]
+__all__ = [
+    "CLIENT_CREDENTIALS",
+    "JWT_BEARER",
+    "TOKEN_EXCHANGE",
+    "Handler",
+    "InvalidDPoPProof",
+    "OAuthEndpoints",
+    "UseDPoPNonce",
+]
 
 log = logging.getLogger("idgate.sts")
 
 Handler = Callable[[Request, Send], Awaitable[None]]
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a URN, not a secret
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+CLIENT_CREDENTIALS = "client_credentials"
+GRANT_TYPES = (TOKEN_EXCHANGE, JWT_BEARER, CLIENT_CREDENTIALS)
 FORM = b"application/x-www-form-urlencoded"
 NO_STORE = ((b"cache-control", b"no-store"), (b"pragma", b"no-cache"))
 # RFC 8693 §2.1: `resource` and `audience` may repeat; every other parameter is given at most once.
 _REPEATABLE = frozenset({"resource", "audience"})
-_SECRET_PARAMS = ("subject_token", "actor_token", "client_secret", "client_assertion")
+_SECRET_PARAMS = ("subject_token", "actor_token", "client_secret", "client_assertion", "assertion")
+
+
+class InvalidDPoPProof(OAuthError):
+    """RFC 9449 §5: the token request's DPoP proof is missing something or wrong."""
+
+    error = "invalid_dpop_proof"
+
+
+class UseDPoPNonce(OAuthError):
+    """RFC 9449 §8: the proof must carry the server's nonce, sent along in `DPoP-Nonce`."""
+
+    error = "use_dpop_nonce"
 
 
 def _parse_form(body: bytes) -> dict[str, list[str]]:
@@ -96,6 +135,7 @@ def _exchange_request(params: dict[str, list[str]]) -> ExchangeRequest:
         resources=tuple(params.get("resource", ())),
         audiences=tuple(params.get("audience", ())),
         requested_token_type=_one(params, "requested_token_type"),
+        task=_one(params, "task"),
     )
 
 
@@ -108,29 +148,54 @@ class OAuthEndpoints:
         keys: SigningKeys,
         *,
         max_body_bytes: int,
+        clients: ClientAuthenticator,
+        client_credentials: ClientCredentials,
+        dpop: DPoPVerifier,
         record: Callable[[dict[str, Any]], None] | None = None,
+        peer_thumbprint: Callable[[Request], str | None] | None = None,
+        bind_certificates: bool = True,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
-        """`record`: where each exchange's audit record goes (it raises when it cannot take one)."""
+        """`record`: where each exchange's audit record goes (it raises when it cannot take one).
+        `metadata`: more RFC 8414 members (e.g. the revocation and introspection endpoints).
+
+        `peer_thumbprint`: the SHA-256 thumbprint (base64url) of the client certificate of the
+        request's mTLS connection, or None; without it, no token is certificate-bound.
+        """
         self._exchange = exchange
         self._record = record
         self._keys = keys
         self._max_body = max_body_bytes
+        self._clients = clients
+        self._client_credentials = client_credentials
+        self._dpop = dpop
+        self._peer_thumbprint = peer_thumbprint
+        self._bind_certificates = bind_certificates
         issuer = exchange.issuer
+        self._token_url = f"{issuer}/oauth2/token"
         self._metadata = orjson.dumps(
             {
                 "issuer": issuer,
-                "token_endpoint": f"{issuer}/oauth2/token",
+                "token_endpoint": self._token_url,
+                # No grant uses it (RFC 8414 would allow leaving it out), but OAuth clients such as the
+                # `mcp` SDK require the field: it names an endpoint that refuses every request.
+                "authorization_endpoint": f"{issuer}/oauth2/authorize",
                 "jwks_uri": f"{issuer}/.well-known/jwks.json",
-                "grant_types_supported": [TOKEN_EXCHANGE],
+                "grant_types_supported": list(GRANT_TYPES),
                 "response_types_supported": [],
-                "token_endpoint_auth_methods_supported": ["none"],
+                # `none`: token exchange and the JWT bearer grant also serve public clients.
+                "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
+                "token_endpoint_auth_signing_alg_values_supported": list(ASYMMETRIC),
+                "dpop_signing_alg_values_supported": list(dpop.algorithms),
                 "scopes_supported": [],
+                **(metadata or {}),
             }
         )
 
     def routes(self) -> dict[str, dict[str, Handler]]:
         return {
             "/oauth2/token": {"POST": self.token},
+            "/oauth2/authorize": {"GET": self.authorize, "POST": self.authorize},
             "/.well-known/jwks.json": {"GET": self.jwks},
             "/.well-known/oauth-authorization-server": {"GET": self.metadata},
         }
@@ -140,14 +205,17 @@ class OAuthEndpoints:
         try:
             params = await self._form(request)
             grant_type = _one(params, "grant_type", required=True)
-            if grant_type != TOKEN_EXCHANGE:
+            client = await self._clients.authenticate(request.header(b"authorization"), params)
+            if grant_type not in GRANT_TYPES:
+                supported = ", ".join(f"`{g}`" for g in GRANT_TYPES)
                 raise UnsupportedGrantType(
-                    f"grant type `{(grant_type or '')[:80]}` is not supported; supported: `{TOKEN_EXCHANGE}`"
+                    f"grant type `{(grant_type or '')[:80]}` is not supported; supported: {supported}"
                 )
-            issued = await self._exchange.exchange(_exchange_request(params))
+            binding = await self._binding(request)
+            issued = await self._grant(grant_type, params, client, binding)
         except OAuthError as error:
             self._audit_quietly(exchange_record(request.id, status=error.status, error=error.error))
-            await self._send_error(send, error, request.id, params)
+            await self._send_error(send, error, request.id, params, self._dpop.nonce())
             return
         minted = issued.minted
         if self._record is not None:
@@ -160,25 +228,95 @@ class OAuthEndpoints:
                 )
             except ServiceUnavailable:
                 unavailable = TemporarilyUnavailable("the audit trail cannot record right now; no token was issued")
-                await self._send_error(send, unavailable, request.id, params)
+                await self._send_error(send, unavailable, request.id, params, None)
                 return
+        cnf = minted.claims.get("cnf") or {}
         body: dict[str, Any] = {
             "access_token": minted.token,
             "issued_token_type": issued.issued_token_type,
-            "token_type": "Bearer",
+            "token_type": "DPoP" if "jkt" in cnf else "Bearer",
             "expires_in": minted.expires_in,
         }
         if issued.scope is not None:
             body["scope"] = " ".join(issued.scope)
         log.info(
-            "token exchange: sub %s actors %s aud %s jti %s (request %s)",
+            "token issued (%s): sub %s actors %s aud %s jti %s (request %s)",
+            grant_type,
             minted.claims["sub"],
             [a.id for a in issued.caller.actors],
             minted.claims["aud"],
             minted.claims["jti"],
             request.id,
         )
-        await send_bytes(send, 200, orjson.dumps(body), request.id, extra=NO_STORE)
+        extra = list(NO_STORE)
+        nonce = self._dpop.nonce() if self._dpop.require_nonce else None
+        if nonce is not None:
+            extra.append((b"dpop-nonce", nonce.encode()))
+        await send_bytes(send, 200, orjson.dumps(body), request.id, extra=extra)
+
+    async def _grant(
+        self, grant_type: str | None, params: dict[str, list[str]], client: Client | None, binding: Binding
+    ) -> Issued:
+        if grant_type == TOKEN_EXCHANGE:
+            return await self._exchange.exchange(dataclasses.replace(_exchange_request(params), binding=binding))
+        scope = _one(params, "scope")
+        scopes = parse_scope(scope) if scope is not None else None
+        resources = tuple(self._client_credentials.audience(r) for r in params.get("resource", ()))
+        audiences = tuple(params.get("audience", ()))
+        if grant_type == JWT_BEARER:
+            assertion = _one(params, "assertion", required=True)
+            assert assertion is not None
+            grant = ExchangeRequest(
+                subject_token=assertion,
+                subject_token_type=JWT,
+                scope=scopes,
+                audiences=tuple(dict.fromkeys((*resources, *audiences))),
+                binding=binding,
+            )
+            issued = await self._exchange.exchange(grant)
+            if client is not None and issued.caller.subject.id != client.id:
+                # Acting for someone else is delegation: it must show in the token (`act`).
+                raise UnauthorizedClient(
+                    "a client may use the JWT bearer grant only for itself; to act for another subject, "
+                    "use token exchange with your own token as `actor_token`"
+                )
+            return issued
+        if client is None:
+            raise InvalidClient(
+                "the `client_credentials` grant needs client authentication: a `client_assertion` "
+                "(`private_key_jwt` or a JWT-SVID)"
+            )
+        return self._client_credentials.issue(
+            client, scope=scopes, resources=resources, audiences=audiences, binding=binding
+        )
+
+    async def _binding(self, request: Request) -> Binding:
+        """The DPoP key and client certificate this token request proves possession of."""
+        jkt = None
+        try:
+            proof = single_proof(request)
+            if proof is not None:
+                jkt = (await self._dpop.verify(proof, method="POST", url=self._token_url)).jkt
+        except ProofError as error:
+            if error.error == "use_dpop_nonce":
+                raise UseDPoPNonce(error.message) from None
+            raise InvalidDPoPProof(error.message) from None
+        except ServiceUnavailable:
+            raise TemporarilyUnavailable("the DPoP proof cannot be checked right now") from None
+        try:
+            x5t = self._peer_thumbprint(request) if self._peer_thumbprint is not None else None
+        except AuthenticationError as refused:
+            raise InvalidClient(f"the client certificate is refused: {refused.message}") from None
+        return Binding(jkt=jkt, x5t=x5t, bind_certificate=self._bind_certificates)
+
+    async def authorize(self, request: Request, send: Send) -> None:
+        """RFC 6749 §4.1.2.1: no redirect URI is registered, so the error is shown here, never redirected."""
+        body = {
+            "error": "unsupported_response_type",
+            "error_description": "this authorization server has no interactive flow; "
+            "use token exchange, the JWT bearer grant or client credentials at `/oauth2/token`",
+        }
+        await send_bytes(send, 400, orjson.dumps(body), request.id, extra=NO_STORE)
 
     def _audit_quietly(self, record: dict[str, Any]) -> None:
         if self._record is not None:
@@ -203,13 +341,12 @@ class OAuthEndpoints:
             raise InvalidRequest(f"the token request is over the limit of {self._max_body} bytes") from None
         except BadRequest:
             raise InvalidRequest("the token request body could not be read") from None
-        params = _parse_form(body)
-        if request.header(b"authorization") is not None or "client_secret" in params or "client_assertion" in params:
-            raise InvalidClient("client authentication is not supported here; send no client credentials")
-        return params
+        return _parse_form(body)
 
     @staticmethod
-    async def _send_error(send: Send, error: OAuthError, request_id: str, params: dict[str, list[str]]) -> None:
+    async def _send_error(
+        send: Send, error: OAuthError, request_id: str, params: dict[str, list[str]], nonce: str | None
+    ) -> None:
         payload = error.payload()
         description = payload["error_description"]
         # INVARIANT: no token or secret of the request is ever echoed, whatever a message quotes.
@@ -219,6 +356,9 @@ class OAuthEndpoints:
             payload["error_description"] = "the request was refused"
         extra: list[tuple[bytes, bytes]] = list(NO_STORE)
         if isinstance(error, InvalidClient):
+            # RFC 6749 §5.2: a 401 carries a challenge (of the scheme the client tried, which was Basic if any).
             extra.append((b"www-authenticate", b'Basic realm="idgate"'))
+        if isinstance(error, UseDPoPNonce) and nonce is not None:
+            extra.append((b"dpop-nonce", nonce.encode()))
         log.info("token request refused: %s (request %s)", error.error, request_id)
         await send_bytes(send, error.status, orjson.dumps(payload), request_id, extra=extra)

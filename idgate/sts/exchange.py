@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -34,8 +34,14 @@ from idgate.errors import AuthenticationError, ServiceUnavailable, shown
 from idgate.identity.authenticator import Authenticator
 from idgate.identity.principal import Actor, Caller
 from idgate.policy.decision import Authorizer, Decision, Resource
+from idgate.store.base import StoreUnavailable
 from idgate.sts.errors import InvalidGrant, InvalidRequest, InvalidScope, InvalidTarget, TemporarilyUnavailable
-from idgate.sts.tokens import Grant, MintedToken, TokenMinter
+from idgate.sts.tokens import UNBOUND, Binding, Grant, MintedToken, TokenMinter
+
+if TYPE_CHECKING:
+    from idgate.store.base import Task
+    from idgate.sts.revocation import Liveness
+    from idgate.sts.tasks import Tasks
 
 __all__ = [
     "ACCESS_TOKEN",
@@ -53,6 +59,7 @@ SUBJECT_TOKEN_TYPES = (ACCESS_TOKEN, ID_TOKEN, JWT)
 ISSUED_TOKEN_TYPES = (ACCESS_TOKEN, JWT)
 
 # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+MAX_PARENTS = 16  # a chain of exchanges deeper than this keeps its nearest ancestors
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
 
 
@@ -68,6 +75,8 @@ class ExchangeRequest:
     resources: tuple[str, ...] = ()
     audiences: tuple[str, ...] = ()
     requested_token_type: str | None = None
+    task: str | None = None  # bind the token to this task (`POST /tasks`): idgate's extra parameter
+    binding: Binding = UNBOUND  # the request's DPoP key / client certificate (idgate.sts.tokens.Binding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +123,31 @@ def _token_scope(claims: dict[str, Any], what: str) -> tuple[str, ...] | None:
     raise InvalidGrant(f"`{what}` claim `scope` must be a space-separated string")
 
 
+def _within_task(scope: tuple[str, ...] | None, task: Task, *, asked: bool) -> tuple[str, ...] | None:
+    """The scope of a task-bound token: within the task's scope (asked for more: `invalid_scope`)."""
+    if task.scope is None:
+        return scope
+    if scope is None:
+        return task.scope
+    extra = [s for s in scope if s not in task.scope]
+    if extra and asked:
+        raise InvalidScope(f"scope `{shown(extra[0])}` is more than the task allows")
+    narrowed = tuple(s for s in scope if s in task.scope)
+    if not narrowed:
+        raise InvalidScope("the presented tokens share no scope with the task")
+    return narrowed
+
+
+def _parents(subject: _Verified, actor: _Verified | None) -> tuple[str, ...]:
+    """The ids of the tokens a new one comes from, and theirs (bounded): revoking any of them ends it."""
+    parents: list[str] = []
+    for verified in (subject, actor):
+        if verified is not None:
+            credential = verified.caller.credential
+            parents.extend((credential.id, *credential.parents))
+    return tuple(dict.fromkeys(parents))[:MAX_PARENTS]
+
+
 def _token_audiences(claims: dict[str, Any]) -> tuple[str, ...]:
     aud = claims.get("aud")
     values = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
@@ -132,7 +166,12 @@ class TokenExchange:
         default_audience: str,
         ttl_seconds: int,
         clock: Callable[[], float] = time.time,
+        liveness: Liveness | None = None,
+        tasks: Tasks | None = None,
     ) -> None:
+        """`liveness`: refuse revoked subject/actor tokens; `tasks`: where the `task` parameter is looked up."""
+        self._liveness = liveness
+        self._tasks = tasks
         self._authenticator = authenticator
         self._authorizer = authorizer
         self._minter = minter
@@ -147,12 +186,18 @@ class TokenExchange:
     async def exchange(self, request: ExchangeRequest) -> Issued:
         subject = await self._verify(request.subject_token, "subject_token")
         actor = await self._verify(request.actor_token, "actor_token") if request.actor_token is not None else None
+        request.binding.check(subject.caller.credential, "subject_token")
+        if actor is not None:
+            request.binding.check(actor.caller.credential, "actor_token")
         if actor is not None and actor.claims.get("act") is not None:
             raise InvalidGrant("`actor_token` must name one actor, not carry a delegation chain (`act`)")
         self._check_may_act(subject.claims, actor)
         issued_type = self._issued_type(request.requested_token_type)
         audiences = self._audiences(request, subject)
         scope = self._scope(request.scope, subject, actor)
+        bound = await self._bound_task(request.task, subject, actor)
+        if bound is not None:
+            scope = _within_task(scope, bound, asked=request.scope is not None)
         chain = subject.caller.actors
         if actor is not None:
             principal = actor.caller.subject
@@ -163,6 +208,8 @@ class TokenExchange:
         expires_at = min(now + self._ttl, subject.caller.credential.expires_at)
         if actor is not None:
             expires_at = min(expires_at, actor.caller.credential.expires_at)
+        if bound is not None:
+            expires_at = min(expires_at, bound.expires_at)  # never outlives its task
         if int(expires_at) <= int(now):
             raise InvalidGrant("the presented token has expired")
         grant = Grant(
@@ -172,8 +219,10 @@ class TokenExchange:
             expires_at=int(expires_at),
             scope=scope,
             actors=chain,
-            task=self._task(subject, actor),
+            task=bound.id if bound is not None else self._task(subject, actor),
             session=self._session(subject),
+            parents=_parents(subject, actor),
+            cnf=request.binding.cnf,
         )
         return Issued(self._minter.mint(grant), issued_type, scope, caller, decisions)
 
@@ -184,10 +233,39 @@ class TokenExchange:
             raise TemporarilyUnavailable(f"`{what}` cannot be checked now: its issuer's keys are unavailable") from None
         except AuthenticationError as exc:
             raise InvalidGrant(f"`{what}` is not valid: {exc.message}") from None
+        if self._liveness is not None:
+            # A revoked token, or one of an ended task or session, cannot be exchanged.
+            try:
+                await self._liveness.verify(caller)
+            except ServiceUnavailable:
+                raise TemporarilyUnavailable(f"`{what}` cannot be checked now: revocation state unavailable") from None
+            except AuthenticationError as exc:
+                raise InvalidGrant(f"`{what}` is not valid: {exc.message}") from None
         return _Verified(caller, _claims(token))
 
+    async def _bound_task(self, task_id: str | None, subject: _Verified, actor: _Verified | None) -> Task | None:
+        """The task a `task` parameter names, if this subject may bind a token to it."""
+        if task_id is None:
+            return None
+        if self._tasks is None:
+            raise InvalidRequest("parameter `task` is not supported here")
+        held = self._task(subject, actor)
+        if held is not None and held != task_id:
+            raise InvalidGrant("the presented tokens belong to another task")
+        try:
+            task = await self._tasks.get(task_id) if len(task_id) <= 256 else None
+        except StoreUnavailable:
+            raise TemporarilyUnavailable("the task cannot be looked up now: the state store is unavailable") from None
+        # Someone else's task is refused like a missing one.
+        if task is None or not self._tasks.may_bind(subject.caller, task):
+            raise InvalidGrant(f"no task `{shown(task_id)}` this subject may bind a token to")
+        if task.status(self._clock()) != "active":
+            raise InvalidGrant(f"task `{shown(task_id)}` has ended")
+        return task
+
     def _is_gateway_token(self, verified: _Verified) -> bool:
-        return verified.caller.subject.issuer == self.issuer
+        # By `iss` (verified): a gateway token's subject keeps its first issuer (`sub_id`), so not by that.
+        return verified.claims.get("iss") == self.issuer
 
     @staticmethod
     def _check_may_act(claims: dict[str, Any], actor: _Verified | None) -> None:

@@ -17,20 +17,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from idgate.config import ClaimsConfig, IssuerConfig, ServerConfig
 from idgate.identity.authenticator import Authenticator
+from idgate.identity.dpop import DPoPVerifier
 from idgate.identity.issuers import OidcIssuer
 from idgate.identity.keys import KeySet
+from idgate.identity.mtls import peer_certificate
+from idgate.identity.replay import ReplayCache
 from idgate.policy.decision import Authorizer
+from idgate.proxy.http import Request
+from idgate.sts.clients import ClientAuthenticator, ClientCredentials, client_keysets
 from idgate.sts.endpoints import Handler, OAuthEndpoints
 from idgate.sts.exchange import TokenExchange
 from idgate.sts.keys import ALGORITHMS, SigningKeys
+from idgate.sts.revocation import Liveness
 from idgate.sts.settings import StsSettings
+from idgate.sts.tasks import Tasks
 from idgate.sts.tokens import TokenMinter
 
 __all__ = ["GATEWAY_ISSUER_NAME", "Sts", "build_sts", "gateway_issuer"]
 
 GATEWAY_ISSUER_NAME = "idgate"
+
+
+def certificate_thumbprint(request: Request) -> str | None:
+    """The `x5t#S256` of the request's verified client certificate (mTLS), None without one."""
+    peer = peer_certificate(request)
+    return peer.thumbprint if peer is not None else None
 
 
 def gateway_issuer(keys: SigningKeys, issuer: str, audiences: tuple[str, ...]) -> OidcIssuer:
@@ -65,8 +80,22 @@ class Sts:
         authenticator: Authenticator,
         authorizer: Authorizer,
         record: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        dpop: DPoPVerifier,
+        replay: ReplayCache,
+        fetch: Callable[[], aiohttp.ClientSession] | None = None,
+        peer_thumbprint: Callable[[Request], str | None] | None = certificate_thumbprint,
+        clock_skew: float = 60.0,
+        liveness: Liveness | None = None,
+        tasks: Tasks | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> dict[str, dict[str, Handler]]:
-        """The OAuth endpoints; `record` takes each exchange's audit record (e.g. `AuditWriter.emit`)."""
+        """The OAuth endpoints; `record` takes each exchange's audit record (e.g. `AuditWriter.emit`).
+
+        `dpop` checks token requests' DPoP proofs (the same verifier as the gate's), `replay`
+        remembers client assertions' `jti`s, `fetch` gives the session for clients' `jwks_uri`,
+        `peer_thumbprint` the client certificate of an mTLS connection (None: no binding to it).
+        """
         minter = TokenMinter(self.keys, self.issuer.issuer, self.clock)
         exchange = TokenExchange(
             authenticator,
@@ -75,8 +104,41 @@ class Sts:
             default_audience=self.default_audience,
             ttl_seconds=self.settings.token_ttl_seconds,
             clock=self.clock,
+            liveness=liveness,  # revoked subject/actor tokens are not exchanged
+            tasks=tasks,  # the `task` parameter (idgate.sts.tasks)
         )
-        endpoints = OAuthEndpoints(exchange, self.keys, max_body_bytes=self.settings.max_body_bytes, record=record)
+        issuer = self.issuer.issuer
+        clients = ClientAuthenticator(
+            self.settings.clients,
+            client_keysets(self.settings.clients, fetch),
+            authenticator,
+            replay,
+            issuer=issuer,
+            token_endpoint=f"{issuer}/oauth2/token",
+            max_lifetime=self.settings.client_assertion_max_lifetime_seconds,
+            clock_skew=clock_skew,
+            clock=self.clock,
+        )
+        client_credentials = ClientCredentials(
+            authorizer,
+            minter,
+            default_audience=self.default_audience,
+            public_url=issuer,
+            ttl_seconds=self.settings.token_ttl_seconds,
+            clock=self.clock,
+        )
+        endpoints = OAuthEndpoints(
+            exchange,
+            self.keys,
+            max_body_bytes=self.settings.max_body_bytes,
+            clients=clients,
+            client_credentials=client_credentials,
+            dpop=dpop,
+            record=record,
+            peer_thumbprint=peer_thumbprint,
+            bind_certificates=self.settings.certificate_bound_tokens,
+            metadata=metadata,
+        )
         return endpoints.routes()
 
 

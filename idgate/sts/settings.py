@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from idgate.sts.client_settings import ClientSettings, DPoPSettings, ReplayCacheSettings
+
 __all__ = ["StsSettings"]
 
 
@@ -35,3 +37,12 @@ class StsSettings(BaseModel):
         2, ge=0, le=10, description="keys still published (and accepted) after a rotation, newest first"
     )
     max_body_bytes: int = Field(64 * 1024, gt=0, le=1024 * 1024, description="largest token request accepted")
+    clients: tuple[ClientSettings, ...] = Field((), description="registered clients (private_key_jwt or JWT-SVID)")
+    client_assertion_max_lifetime_seconds: int = Field(
+        300, gt=0, le=3600, description="a client assertion may expire at most this far in the future"
+    )
+    dpop: DPoPSettings = DPoPSettings()
+    replay_cache: ReplayCacheSettings = ReplayCacheSettings()
+    certificate_bound_tokens: bool = Field(
+        True, description="a token requested over mTLS with a client certificate is bound to it (`cnf.x5t#S256`)"
+    )

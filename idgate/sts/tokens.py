@@ -8,23 +8,62 @@ prior actors nested inside::
     {"sub": "alice", "act": {"sub": "agent-b", "act": {"sub": "agent-a"}}}
 
 `tenant`, `kind` and `groups` carry what the gateway's own issuer maps back
-into a `Principal` when the token comes back.
+into a `Principal` when the token comes back. A sender-constrained token has
+`cnf` (RFC 7800): `jkt`, the thumbprint of the DPoP key it is bound to (RFC
+9449), and/or `x5t#S256`, that of the client certificate (RFC 8705).
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from joserfc import jwt
 
-from idgate.identity.principal import Actor, Principal
+from idgate.identity.principal import Actor, Credential, Principal
+from idgate.sts.errors import InvalidGrant
 from idgate.sts.keys import SigningKeys
 
-__all__ = ["Grant", "MintedToken", "TokenMinter", "act_claim"]
+__all__ = ["UNBOUND", "Binding", "Grant", "MintedToken", "TokenMinter", "act_claim"]
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """What a token request proved possession of, and so what the new token is bound to.
+
+    `jkt`: the thumbprint of the key of the request's verified DPoP proof; `x5t`:
+    that of the client certificate of its mTLS connection, bound into the token
+    when `bind_certificate`. A bound token presented in the request (a subject,
+    actor or assertion token) is only accepted with a proof of its own key or
+    certificate: a stolen bound token cannot be exchanged for an unbound one.
+    """
+
+    jkt: str | None = None
+    x5t: str | None = None
+    bind_certificate: bool = False
+
+    def check(self, credential: Credential, what: str) -> None:
+        """Refuse a presented token bound to a key or certificate this request did not prove."""
+        if credential.jkt is not None and credential.jkt != self.jkt:
+            raise InvalidGrant(f"`{what}` is DPoP-bound: send a `DPoP` proof signed with its key")
+        if credential.x5t is not None and credential.x5t != self.x5t:
+            raise InvalidGrant(f"`{what}` is bound to a client certificate: send it over mTLS with that certificate")
+
+    @property
+    def cnf(self) -> dict[str, str] | None:
+        """The RFC 7800 `cnf` claim of the new token, or None for an unbound (bearer) one."""
+        cnf: dict[str, str] = {}
+        if self.jkt is not None:
+            cnf["jkt"] = self.jkt
+        if self.x5t is not None and self.bind_certificate:
+            cnf["x5t#S256"] = self.x5t
+        return cnf or None
+
+
+UNBOUND = Binding()  # a request that proved possession of nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +78,9 @@ class Grant:
     actors: tuple[Actor, ...] = ()  # outermost (current) first
     task: str | None = None
     session: str | None = None  # `sid` of the subject's session, for logout
+    claims: Mapping[str, Any] | None = None  # extra claims (e.g. a per-call token's `request_id`); never override
+    cnf: Mapping[str, str] | None = None  # RFC 7800 confirmation: `jkt` (DPoP key) and/or `x5t#S256` (certificate)
+    parents: tuple[str, ...] = ()  # ids of the tokens it was exchanged from: revoking one of them ends it
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +139,12 @@ class TokenMinter:
             claims["task"] = grant.task
         if grant.session is not None:
             claims["sid"] = grant.session
+        if grant.cnf:
+            claims["cnf"] = dict(grant.cnf)
+        if grant.parents:
+            claims["parents"] = list(grant.parents)
+        for name, value in (grant.claims or {}).items():
+            claims.setdefault(name, value)
         act = act_claim(grant.actors)
         if act is not None:
             claims["act"] = act
