@@ -1,0 +1,915 @@
+"""The MCP gateway: `/mcp/{server}` relays MCP streamable HTTP, one call at a time through the house.
+
+    caller ─► identity ─► JSON-RPC ─► policy + budget ─► mint ─► upstream ─► answer
+                 └────────────┴────────────┴───────────┴───────────┴────────┴─► audit
+
+A POST carries one JSON-RPC message (batches are refused). For it:
+
+1. **identity**: the `Authorization` bearer token becomes a `Caller` (the gate:
+   signature, issuer, audience, binding, liveness); a refusal is a 401 whose
+   `WWW-Authenticate` names this server's RFC 9728 metadata,
+   `/.well-known/oauth-protected-resource/mcp/{server}`. A token for the gateway
+   is good at every MCP endpoint; one narrowed to MCP resources
+   (`{gateway}/mcp/{server}`, RFC 8707) only at those.
+2. **policy**, for `tools/call`, `resources/read` and `prompts/get`: the tool
+   `SERVER/NAME` (a resource is `SERVER/resource:URI`, a prompt
+   `SERVER/prompt:NAME`, both `read`) with its action class (from the entity
+   data, else the server's `tools`, else `unknown_tool_class`) and the data
+   class of the arguments, through the same authorizer as model calls. A tool
+   withheld as changed (see `pins.py`) is refused, and so is any non-read call
+   through a server without minted credentials. `Mcp-Method` / `Mcp-Name`
+   headers that disagree with the body are refused (the body is what was
+   decided). Then the budgets (`budgets.py`).
+   A refusal is a JSON-RPC error (403, or 429 for a budget) whose `data` holds
+   the decision id; it is on record, and the upstream never sees the call.
+3. **the credential**: for every request the upstream gets a token minted for
+   it alone: `aud` the server, `scope` the one tool and its action class
+   (`tool:NAME action:CLASS`; `mcp:METHOD` for other methods), `sub`, `act`,
+   `task`, `request_id`, seconds of life, signed with the gateway's key (its
+   JWKS at `/.well-known/jwks.json`). The caller's `Authorization` is never sent.
+4. **the call**: the identity and decision records are committed first; then
+   the message goes upstream with the MCP headers (`Mcp-Session-Id`,
+   `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`,
+   `Last-Event-ID`, trace context). JSON and SSE answers are relayed as they
+   come; `tools/list` answers are read whole and filtered: only tools this
+   caller may call, never a withheld one. An upstream that is down, slow or
+   refuses the gateway's credential is a 502/504 with a JSON-RPC error, never
+   a hang.
+
+GET (the server's event stream) and DELETE (end a session) are relayed the same
+way, with a minted token. A session (`Mcp-Session-Id`) belongs to the subject
+that opened it; another caller presenting its id is refused. Both protocol generations pass: the handshake-era
+`initialize` with sessions, and 2026-07-28's `server/discover` with
+self-contained requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from idgate.audit.records import RequestFacts, identity_record, parse_traceparent
+from idgate.audit.writer import AuditWriter
+from idgate.config import SecretRef
+from idgate.errors import AuthenticationError, IdgateError, InvalidToken, PayloadTooLarge, shown
+from idgate.identity.gate import Gate
+from idgate.identity.principal import Caller
+from idgate.mcp.budgets import BudgetExceeded, Budgets
+from idgate.mcp.pins import PinStore, tool_hash
+from idgate.mcp.records import arguments_digest, pin_record, tool_call_record, tool_decision_record
+from idgate.mcp.settings import McpServerConfig, McpSettings, StaticCredential
+from idgate.policy.decision import Authorizer, Decision, Resource
+from idgate.proxy.admission import DATA_CLASS_HEADER, Admission
+from idgate.proxy.http import Request, Send, _challenge, send_bytes
+from idgate.sts.tokens import Grant, TokenMinter
+
+__all__ = ["MCP_PREFIX", "MCP_RESOURCE_METADATA_PREFIX", "McpGateway", "mcp_resources"]
+
+log = logging.getLogger("idgate.mcp")
+
+Handler = Callable[[Request, Send], Awaitable[None]]
+
+MCP_PREFIX = "/mcp/"
+MCP_RESOURCE_METADATA_PREFIX = "/.well-known/oauth-protected-resource/mcp/"
+
+# JSON-RPC error codes: the standard ones, and the gateway's own in the server range.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+UNAUTHENTICATED = -32001
+REFUSED = -32003
+BUDGET_EXCEEDED = -32029
+UPSTREAM_FAILED = -32050
+
+CONTROLLED = frozenset({"tools/call", "resources/read", "prompts/get"})
+_READ = "read"
+
+# Request headers relayed upstream (never `authorization`, `cookie` or the like).
+_UP_HEADERS = frozenset(
+    {
+        b"accept",
+        b"content-type",
+        b"mcp-session-id",
+        b"mcp-protocol-version",
+        b"mcp-method",
+        b"mcp-name",
+        b"last-event-id",
+        b"traceparent",
+        b"tracestate",
+    }
+)
+_UP_PREFIX = b"mcp-param-"
+# Response headers relayed back.
+_DOWN_HEADERS = frozenset({"content-type", "mcp-session-id", "cache-control", "retry-after"})
+_SESSIONS_KEPT = 10_000
+_DECISIONS_KEPT = 10_000
+
+
+def mcp_resources(settings: McpSettings, base_url: str) -> tuple[str, ...]:
+    """The resource identifier (and token audience) of each MCP server the gateway serves."""
+    return tuple(f"{base_url}{MCP_PREFIX}{s.name}" for s in settings.servers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Server:
+    config: McpServerConfig
+    resource: str  # `{gateway}/mcp/{name}`
+    metadata_url: str
+    static_token: str | None
+
+    @property
+    def minted(self) -> bool:
+        return self.config.auth == "minted"
+
+
+@dataclass(slots=True)
+class _Call:
+    """A controlled call: what was decided about it."""
+
+    tool: str  # `server/name` as the policy sees it
+    name: str  # what the scope names: the tool, `resource:URI` or `prompt:NAME`
+    action_class: str
+    data_class: str
+    decision: Decision
+    arguments_sha256: str | None
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, code: int, message: str, data: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.data = dict(data)
+
+
+class McpGateway:
+    """The `/mcp/{server}` endpoints and their RFC 9728 metadata."""
+
+    def __init__(
+        self,
+        settings: McpSettings,
+        *,
+        base_url: str,
+        gate: Gate,
+        authorizer: Authorizer,
+        admission: Admission,
+        minter: TokenMinter,
+        audit: AuditWriter,
+        pins: PinStore,
+        authorization_servers: Iterable[str],
+        reveal: Callable[[SecretRef], str],
+        declared_class: Callable[[str], str | None] = lambda tool: None,
+        policy_version: Callable[[], object] = lambda: None,
+        max_body_bytes: int = 4 * 1024 * 1024,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`declared_class`: a tool's action class in the policy's entity data, if it declares the tool;
+        `policy_version`: changes whenever the authorizer's policies or entities do (decisions are cached per version).
+        """
+        self._settings = settings
+        self._base = base_url
+        self._gate = gate
+        self._authorizer = authorizer
+        self._admission = admission
+        self._minter = minter
+        self._audit = audit
+        self._pins = pins
+        self._authorization_servers = list(authorization_servers)
+        self._declared_class = declared_class
+        self._policy_version = policy_version
+        self._decisions: dict[tuple[Any, ...], Decision] = {}
+        self._decisions_version: object = None
+        self._max_body = max_body_bytes
+        self._clock = clock
+        self._budgets = Budgets(settings.budgets, clock)
+        self._session: aiohttp.ClientSession | None = None
+        self._owners: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()  # (server, session) -> who
+        self._servers: dict[str, _Server] = {}
+        self._resources = frozenset(mcp_resources(settings, base_url))
+        for config in settings.servers:
+            static = reveal(config.auth.static) if isinstance(config.auth, StaticCredential) else None
+            self._servers[config.name] = _Server(
+                config,
+                f"{base_url}{MCP_PREFIX}{config.name}",
+                f"{base_url}{MCP_RESOURCE_METADATA_PREFIX}{config.name}",
+                static,
+            )
+
+    # -- wiring --------------------------------------------------------------------------
+
+    def methods(self, path: str) -> dict[str, Handler] | None:
+        """The handlers for `path`, if it is one of this gateway's (None: not an MCP path)."""
+        if path.startswith(MCP_PREFIX):
+            found = self._servers.get(path[len(MCP_PREFIX) :])
+            if found is None:
+                return None
+            server = found
+
+            async def post(request: Request, send: Send) -> None:
+                await self._post(server, request, send)
+
+            async def get(request: Request, send: Send) -> None:
+                await self._passthrough(server, request, send, "GET")
+
+            async def delete(request: Request, send: Send) -> None:
+                await self._passthrough(server, request, send, "DELETE")
+
+            return {"POST": post, "GET": get, "DELETE": delete}
+        if path.startswith(MCP_RESOURCE_METADATA_PREFIX):
+            described = self._servers.get(path[len(MCP_RESOURCE_METADATA_PREFIX) :])
+            if described is None:
+                return None
+            resource = described
+
+            async def metadata(request: Request, send: Send) -> None:
+                await self._metadata(resource, request, send)
+
+            return {"GET": metadata}
+        return None
+
+    async def start(self) -> None:
+        if self._session is None and self._servers:
+            # No cookies: a tool server's cookie must not follow one caller into another's call.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=True,
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- RFC 9728 ------------------------------------------------------------------------
+
+    async def _metadata(self, server: _Server, request: Request, send: Send) -> None:
+        body = {
+            "resource": server.resource,
+            "authorization_servers": self._authorization_servers,
+            "bearer_methods_supported": ["header"],
+            "resource_name": f"idgate MCP gateway: {server.config.name}",
+        }
+        await send_bytes(send, 200, orjson.dumps(body), request.id, extra=[(b"cache-control", b"max-age=300")])
+
+    # -- POST: one JSON-RPC message ------------------------------------------------------
+
+    async def _post(self, server: _Server, request: Request, send: Send) -> None:
+        facts = _facts(request)
+        message: dict[str, Any] | None = None
+        call: _Call | None = None
+        try:
+            facts.caller = await self._caller(server, request)
+            message = _message(await _body(request, self._max_body))
+            self._check_session(server, request, facts.caller)
+            method = message.get("method")
+            if method in CONTROLLED:  # a notification that names a tool call is decided all the same
+                call = self._decide(server, str(method), message, facts, request)
+                if not call.decision.allowed:
+                    raise _refused(call, facts)
+                # INVARIANT: the decision is committed before anything goes upstream.
+                await self._audit.commit(
+                    identity_record(facts, ended=False),
+                    tool_decision_record(facts, call.tool, call.action_class, call.data_class, call.decision),
+                )
+            else:
+                self._audit.check()
+        except _Refusal as refusal:
+            await self._refuse(send, facts, message, refusal, call)
+            return
+        except AuthenticationError as error:
+            await self._unauthenticated(send, facts, server, message, error)
+            return
+        except IdgateError as error:
+            failed = _Refusal(error.status, _code_of(error), error.message, {"code": error.code})
+            await self._refuse(send, facts, message, failed, None)
+            return
+        await self._forward(server, request, send, facts, message, call)
+
+    def _decide(
+        self, server: _Server, method: str, message: dict[str, Any], facts: RequestFacts, request: Request
+    ) -> _Call:
+        params = message.get("params")
+        params = params if isinstance(params, dict) else {}
+        caller = facts.caller
+        assert caller is not None
+        if method == "tools/call":
+            name = params.get("name")
+            if not isinstance(name, str) or not name:
+                raise _Refusal(400, INVALID_REQUEST, "`params.name` must name a tool", {})
+            _check_routing_headers(request, method, name)
+            scope_name, tool_id = name, f"{server.config.name}/{name}"
+            action_class = self._class_of(server, name)
+            arguments = params.get("arguments")
+        elif method == "resources/read":
+            uri = params.get("uri")
+            if not isinstance(uri, str) or not uri:
+                raise _Refusal(400, INVALID_REQUEST, "`params.uri` must name a resource", {})
+            _check_routing_headers(request, method, uri)
+            scope_name = f"resource:{quote(uri, safe='')}"
+            tool_id, action_class, arguments = f"{server.config.name}/{scope_name}", _READ, None
+        else:
+            prompt = params.get("name")
+            if not isinstance(prompt, str) or not prompt:
+                raise _Refusal(400, INVALID_REQUEST, "`params.name` must name a prompt", {})
+            _check_routing_headers(request, method, prompt)
+            scope_name = f"prompt:{quote(prompt, safe='')}"
+            tool_id, action_class, arguments = f"{server.config.name}/{scope_name}", _READ, params.get("arguments")
+        data_class = self._data_class(caller, arguments, request)
+        decision = self._authorize(server, caller, tool_id, action_class, data_class)
+        if decision.allowed and method == "tools/call" and self._pins.withheld(server.config.name, scope_name):
+            decision = Decision(False, ("idgate:tool-changed",), "tool", ("the tool changed since it was approved",))
+        return _Call(tool_id, scope_name, action_class, data_class, decision, arguments_digest(arguments))
+
+    def _class_of(self, server: _Server, tool: str) -> str:
+        declared = self._declared_class(f"{server.config.name}/{tool}")
+        if declared is not None:
+            return declared
+        return server.config.tools.get(tool, server.config.unknown_tool_class)
+
+    def _authorize(self, server: _Server, caller: Caller, tool_id: str, action_class: str, data_class: str) -> Decision:
+        if not server.minted and action_class != _READ:
+            # Without a credential minted per call, the server cannot tell one caller from another:
+            # only reads go through it.
+            problem = f"server `{server.config.name}` has no per-call credential; only read tools are allowed"
+            return Decision(False, ("idgate:static-credential-read-only",), "tool", (problem,))
+        # A tool the entity data does not declare is not cached by the authorizer (its entity is built per
+        # call, ~300 µs): decisions are pure, so they are cached here, per policy version, keyed on every
+        # input they depend on; each use gets its own decision id.
+        version = self._policy_version()
+        if version is not self._decisions_version or len(self._decisions) > _DECISIONS_KEPT:
+            self._decisions, self._decisions_version = {}, version
+        subject, credential = caller.subject, caller.credential
+        key = (
+            tool_id,
+            action_class,
+            data_class,
+            (subject.kind, subject.id, subject.tenant, subject.issuer, subject.groups),
+            tuple((actor.kind, actor.id) for actor in caller.actors),
+            credential.kind,
+            credential.binding,
+            credential.task,
+        )
+        known = self._decisions.get(key)
+        if known is None:
+            resource = Resource("tool", tool_id, attributes={"action": action_class, "tenant": "*"})
+            known = self._authorizer.authorize(caller, "call_tool", resource, {"data_class": data_class})
+            if known.reason != "error":
+                self._decisions[key] = known
+            return known
+        return Decision(
+            known.allowed,
+            known.policies,
+            known.reason,
+            known.errors,
+            revision=known.revision,
+            denied_for=known.denied_for,
+        )
+
+    def _data_class(self, caller: Caller, arguments: Any, request: Request) -> str:
+        texts: list[str] = []
+        _strings(arguments, texts, 0)
+        data_class, _ = self._admission.data_class(caller, {"input": texts}, request.header(DATA_CLASS_HEADER))
+        return data_class
+
+    # -- forwarding ----------------------------------------------------------------------
+
+    async def _forward(
+        self,
+        server: _Server,
+        request: Request,
+        send: Send,
+        facts: RequestFacts,
+        message: dict[str, Any],
+        call: _Call | None,
+    ) -> None:
+        caller = facts.caller
+        assert caller is not None
+        method = message.get("method")
+        details: dict[str, Any] = {}
+        if call is not None:
+            details = {
+                "server": server.config.name,
+                "method": method,
+                "action_class": call.action_class,
+                "decision_id": call.decision.id,
+                "arguments_sha256": call.arguments_sha256,
+            }
+            try:
+                if method == "tools/call":
+                    details["budget"] = self._budgets.spend(caller, call.action_class != _READ)
+            except BudgetExceeded as exceeded:
+                data = {"limit": exceeded.limit, "allowed": exceeded.allowed, "request_id": facts.request_id}
+                data["decision_id"] = call.decision.id
+                await self._refuse(send, facts, message, _Refusal(429, BUDGET_EXCEEDED, str(exceeded), data), call)
+                return
+            scope: tuple[str, ...] = (f"tool:{call.name}", f"action:{call.action_class}")
+        else:
+            scope = (f"mcp:{method}" if isinstance(method, str) else "mcp:message",)
+        headers = self._upstream_headers(server, request, caller, scope, facts, details)
+        started = time.perf_counter()
+        try:
+            response = await self._open(server, "POST", headers, orjson.dumps(message), streaming=False)
+        except _Refusal as refusal:
+            await self._refuse(send, facts, message, refusal, call, details)
+            return
+        details["upstream_status"] = response.status
+        try:
+            refused = _upstream_refusal(server, response.status)
+            if refused is not None:
+                await self._refuse(send, facts, message, refused, call, details)
+                return
+            self._note_session(server, response, caller)
+            if method == "tools/list" and response.status == 200:
+                await self._relay_filtered(server, request, send, facts, message, response)
+                return
+            facts.status = response.status
+            completed = await self._relay(request, send, facts, response, message)
+            details["upstream_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            if not completed:
+                facts.error_code, facts.error = "client_disconnected", "the client went away before the answer ended"
+            self._record_end(facts, call, details, "ok" if completed and response.status < 400 else "error")
+        finally:
+            response.release()
+
+    def _upstream_headers(
+        self,
+        server: _Server,
+        request: Request,
+        caller: Caller,
+        scope: tuple[str, ...],
+        facts: RequestFacts,
+        details: dict[str, Any],
+    ) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for key, value in request.scope["headers"]:
+            name = key.lower()
+            if name in _UP_HEADERS or name.startswith(_UP_PREFIX):
+                headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        if server.minted:
+            minted = self._minter.mint(
+                Grant(
+                    subject=caller.subject,
+                    subject_issuer=caller.subject.issuer,
+                    audiences=(server.config.token_audience,),
+                    expires_at=int(self._clock()) + self._settings.token_ttl_seconds,
+                    scope=scope,
+                    actors=caller.actors,
+                    task=caller.credential.task,
+                    claims={"request_id": facts.request_id, "client_id": "idgate"},
+                )
+            )
+            headers["authorization"] = f"Bearer {minted.token}"
+            details["credential_id"] = minted.claims["jti"]
+            details["audience"] = server.config.token_audience
+        elif server.static_token is not None:
+            headers["authorization"] = f"Bearer {server.static_token}"
+            details["credential_id"] = "static"
+        return headers
+
+    async def _open(
+        self, server: _Server, method: str, headers: Mapping[str, str], body: bytes | None, *, streaming: bool
+    ) -> aiohttp.ClientResponse:
+        """Send the request upstream; an upstream that cannot be reached or is slow is a `_Refusal` (502/504)."""
+        if self._session is None:
+            raise _Refusal(503, UPSTREAM_FAILED, "the MCP gateway is not started", {"code": "unavailable"})
+        limits = server.config.timeout
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=limits.connect, sock_read=None if streaming else limits.read
+        )
+        name = server.config.name
+        try:
+            return await self._session.request(
+                method, server.config.url, headers=headers, data=body, timeout=timeout, allow_redirects=False
+            )
+        except TimeoutError:
+            message = f"MCP server `{name}` did not answer within {limits.read:g} s"
+            raise _Refusal(504, UPSTREAM_FAILED, message, {"code": "upstream_timeout"}) from None
+        except aiohttp.ClientError as exc:
+            message = f"MCP server `{name}` is unreachable ({type(exc).__name__})"
+            raise _Refusal(502, UPSTREAM_FAILED, message, {"code": "upstream_error"}) from None
+
+    async def _relay(
+        self,
+        request: Request,
+        send: Send,
+        facts: RequestFacts,
+        response: aiohttp.ClientResponse,
+        message: dict[str, Any] | None,
+    ) -> bool:
+        """Relay the answer as it comes; False if the client left first."""
+        headers = _down_headers(response, facts.request_id)
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        relay = asyncio.current_task()
+        assert relay is not None
+        watcher = asyncio.get_running_loop().create_task(_cancel_when_gone(request.receive, relay))
+        try:
+            try:
+                async for chunk in response.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                facts.error_code, facts.error = "upstream_error", f"the MCP server broke off ({type(exc).__name__})"
+                if message is not None and "id" in message and _is_sse(response):
+                    error = _rpc_error(message.get("id"), UPSTREAM_FAILED, facts.error, {"code": "upstream_error"})
+                    await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return True
+        except asyncio.CancelledError:
+            if not _client_left(watcher) or relay.uncancel() > 0:
+                raise
+            return False
+        finally:
+            watcher.cancel()
+
+    async def _relay_filtered(
+        self,
+        server: _Server,
+        request: Request,
+        send: Send,
+        facts: RequestFacts,
+        message: dict[str, Any],
+        response: aiohttp.ClientResponse,
+    ) -> None:
+        """A `tools/list` answer, read whole, with only the tools this caller may call."""
+        limit = self._settings.max_response_bytes
+        try:
+            raw = bytearray()
+            async for chunk in response.content.iter_any():
+                raw += chunk
+                if len(raw) > limit:
+                    raise _Refusal(502, UPSTREAM_FAILED, f"tools/list answer is over {limit} bytes", {})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            message_text = f"MCP server `{server.config.name}` broke off its tools/list answer ({type(exc).__name__})"
+            await self._refuse(send, facts, message, _Refusal(502, UPSTREAM_FAILED, message_text, {}), None)
+            return
+        except _Refusal as refusal:
+            await self._refuse(send, facts, message, refusal, None)
+            return
+        caller = facts.caller
+        assert caller is not None
+        if _is_sse(response):
+            body = self._filter_sse(server, bytes(raw), message.get("id"), caller, facts)
+        else:
+            body = self._filter_json(server, bytes(raw), caller, facts)
+        facts.status = 200
+        self._audit_quietly(identity_record(facts, ended=True))
+        extra = [
+            h for h in _down_headers(response, "") if h[0] not in (b"content-type", b"x-request-id", b"cache-control")
+        ]
+        extra.append((b"cache-control", b"private"))
+        await send_bytes(send, 200, body, facts.request_id, content_type=_content_type(response), extra=extra)
+
+    def _filter_json(self, server: _Server, raw: bytes, caller: Caller, facts: RequestFacts) -> bytes:
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+        if isinstance(answer, dict):
+            self._filter_answer(server, answer, caller, facts)
+            return orjson.dumps(answer)
+        return raw
+
+    def _filter_sse(self, server: _Server, raw: bytes, rpc_id: Any, caller: Caller, facts: RequestFacts) -> bytes:
+        out: list[bytes] = []
+        for event in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+            if not event.strip():
+                continue
+            lines = event.split(b"\n")
+            data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
+            try:
+                answer = orjson.loads(data) if data else None
+            except orjson.JSONDecodeError:
+                answer = None
+            if isinstance(answer, dict) and answer.get("id") == rpc_id and "result" in answer:
+                self._filter_answer(server, answer, caller, facts)
+                kept = [line for line in lines if not line.startswith(b"data:")]
+                event = b"\n".join([*kept, b"data: " + orjson.dumps(answer)])
+            out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def _filter_answer(self, server: _Server, answer: dict[str, Any], caller: Caller, facts: RequestFacts) -> None:
+        result = answer.get("result")
+        tools = result.get("tools") if isinstance(result, dict) else None
+        if not isinstance(tools, list):
+            return
+        assert isinstance(result, dict)
+        kept = []
+        name = server.config.name
+        for tool in tools:
+            tool_name = tool.get("name") if isinstance(tool, dict) else None
+            if not isinstance(tool_name, str):
+                continue
+            digest = tool_hash(tool)
+            verdict = self._pins.check(name, tool_name, digest)
+            if verdict != "approved":
+                self._audit_quietly(pin_record(facts, caller, f"{name}/{tool_name}", verdict == "changed", digest))
+            if self._pins.withheld(name, tool_name):
+                continue
+            action_class = self._class_of(server, tool_name)
+            if self._authorize(server, caller, f"{name}/{tool_name}", action_class, "").allowed:
+                kept.append(tool)
+        result["tools"] = kept
+        if "cacheScope" in result:
+            # The list is this caller's now: no shared cache may serve it to another (2026-07-28 cache hints).
+            result["cacheScope"] = "private"
+
+    # -- GET and DELETE ------------------------------------------------------------------
+
+    async def _passthrough(self, server: _Server, request: Request, send: Send, method: str) -> None:
+        facts = _facts(request)
+        try:
+            caller = facts.caller = await self._caller(server, request)
+            self._check_session(server, request, caller)
+            self._audit.check()
+            headers = self._upstream_headers(server, request, caller, (f"mcp:{method}",), facts, {})
+            response = await self._open(server, method, headers, None, streaming=method == "GET")
+        except _Refusal as refusal:
+            await self._refuse(send, facts, None, refusal, None)
+            return
+        except AuthenticationError as error:
+            await self._unauthenticated(send, facts, server, None, error)
+            return
+        except IdgateError as error:
+            await self._refuse(send, facts, None, _Refusal(error.status, _code_of(error), error.message, {}), None)
+            return
+        try:
+            refused = _upstream_refusal(server, response.status)
+            if refused is not None:
+                await self._refuse(send, facts, None, refused, None)
+                return
+            facts.status = response.status
+            if method == "DELETE" and response.status < 300:
+                session = request.header(b"mcp-session-id")
+                if session is not None:
+                    self._owners.pop((server.config.name, session.decode("latin-1")), None)
+            completed = await self._relay(request, send, facts, response, None)
+            if not completed:
+                facts.error_code, facts.error = "client_disconnected", "the client closed the stream"
+            self._audit_quietly(identity_record(facts, ended=True))
+        finally:
+            response.release()
+
+    # -- identity and sessions -----------------------------------------------------------
+
+    async def _caller(self, server: _Server, request: Request) -> Caller:
+        caller = await self._gate.caller(request)
+        # Its issuer accepted the audience. A token narrowed to MCP servers (RFC 8707 `resource`)
+        # is for those only; one for the gateway as a whole is good at every MCP endpoint.
+        audiences = _token_audiences(request.header(b"authorization"))
+        if server.resource not in audiences and not self._resources.isdisjoint(audiences):
+            raise InvalidToken(f"token audience is another MCP server; expected `{server.resource}`")
+        return caller
+
+    def _check_session(self, server: _Server, request: Request, caller: Caller) -> None:
+        """A session started by one subject is not usable by another."""
+        session = request.header(b"mcp-session-id")
+        if session is None:
+            return
+        owner = self._owners.get((server.config.name, session.decode("latin-1")))
+        if owner is not None and owner != (caller.subject.issuer, caller.subject.id):
+            raise _Refusal(404, INVALID_REQUEST, "no such session for this caller", {"code": "session_not_found"})
+
+    def _note_session(self, server: _Server, response: aiohttp.ClientResponse, caller: Caller) -> None:
+        session = response.headers.get("mcp-session-id")
+        if session is None:
+            return
+        key = (server.config.name, session)
+        if key not in self._owners:
+            self._owners[key] = (caller.subject.issuer, caller.subject.id)
+            if len(self._owners) > _SESSIONS_KEPT:
+                self._owners.popitem(last=False)
+
+    # -- endings -------------------------------------------------------------------------
+
+    def _record_end(self, facts: RequestFacts, call: _Call | None, details: dict[str, Any], outcome: str) -> None:
+        if call is None:
+            self._audit_quietly(identity_record(facts, ended=True))
+            return
+        details["status"] = facts.status
+        if facts.error_code is not None:
+            details["error"] = {"code": facts.error_code, "message": facts.error}
+        self._audit_quietly(tool_call_record(facts, call.tool, outcome, details))
+
+    async def _refuse(
+        self,
+        send: Send,
+        facts: RequestFacts,
+        message: dict[str, Any] | None,
+        refusal: _Refusal,
+        call: _Call | None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        facts.status = refusal.status
+        facts.error_code = str(refusal.data.get("code") or _error_code(refusal))
+        facts.error = refusal.message
+        data = {"request_id": facts.request_id, **refusal.data}
+        if call is not None:
+            data.setdefault("decision_id", call.decision.id)
+            if not call.decision.allowed:
+                # The refused call's decision was not committed before: it goes on record now.
+                self._audit_quietly(identity_record(facts, ended=False))
+                self._audit_quietly(
+                    tool_decision_record(facts, call.tool, call.action_class, call.data_class, call.decision)
+                )
+            record = dict(details or {})
+            record.update({"decision_id": call.decision.id, "arguments_sha256": call.arguments_sha256})
+            record["error"] = {"code": facts.error_code, "message": refusal.message}
+            record["status"] = refusal.status
+            outcome = "refused" if refusal.status < 500 else "error"
+            self._audit_quietly(tool_call_record(facts, call.tool, outcome, record))
+        else:
+            self._audit_quietly(identity_record(facts, ended=True))
+        rpc_id = message.get("id") if message is not None else None
+        body = _rpc_error(rpc_id, refusal.code, refusal.message, data)
+        await send_bytes(send, refusal.status, body, facts.request_id)
+
+    async def _unauthenticated(
+        self,
+        send: Send,
+        facts: RequestFacts,
+        server: _Server,
+        message: dict[str, Any] | None,
+        error: AuthenticationError,
+    ) -> None:
+        # Point MCP clients to this server's own metadata, whatever the gate named.
+        error.resource_metadata = server.metadata_url
+        facts.status, facts.error_code, facts.error = error.status, error.code, error.message
+        self._audit_quietly(identity_record(facts, ended=True))
+        rpc_id = message.get("id") if message is not None else None
+        body = _rpc_error(rpc_id, UNAUTHENTICATED, error.message, {"code": error.code, "request_id": facts.request_id})
+        await send_bytes(send, error.status, body, facts.request_id, extra=[(b"www-authenticate", _challenge(error))])
+
+    def _audit_quietly(self, record: dict[str, Any]) -> None:
+        with contextlib.suppress(IdgateError):
+            self._audit.emit(record)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _check_routing_headers(request: Request, method: str, name: str) -> None:
+    """`Mcp-Method` and `Mcp-Name` (2026-07-28), when sent, must say what the body says: the decision is
+    made on the body, and a server must not be routed by headers to another tool."""
+    header_method = request.header(b"mcp-method")
+    if header_method is not None and header_method.decode("latin-1") != method:
+        raise _Refusal(400, INVALID_REQUEST, "the `Mcp-Method` header does not match the body's method", {})
+    header_name = request.header(b"mcp-name")
+    if header_name is not None and _header_value(header_name.decode("latin-1")) != name:
+        raise _Refusal(400, INVALID_REQUEST, "the `Mcp-Name` header does not match the body's name", {})
+
+
+def _header_value(value: str) -> str | None:
+    """A header value as the MCP SDKs encode it: verbatim, or `=?base64?...?=` for anything not plain ASCII."""
+    if value.startswith("=?base64?") and value.endswith("?="):
+        try:
+            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return value
+
+
+def _refused(call: _Call, facts: RequestFacts) -> _Refusal:
+    decision = call.decision
+    if decision.policies == ("idgate:tool-changed",):
+        why = "withheld: it changed upstream since it was approved; re-approve it with `idgate mcp approve`"
+    else:
+        why = f"refused ({decision.reason})"
+    data = {"decision_id": decision.id, "reason": decision.reason, "request_id": facts.request_id}
+    return _Refusal(403, REFUSED, f"call to `{shown(call.tool)}` is {why}", data)
+
+
+def _facts(request: Request) -> RequestFacts:
+    facts = RequestFacts(request.id, request.method, request.path, action="call_tool")
+    trace = parse_traceparent(request.header(b"traceparent"))
+    if trace is not None:
+        facts.trace_id, facts.parent_span = trace
+    return facts
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    try:
+        return await request.body(limit)
+    except PayloadTooLarge:
+        raise
+    except IdgateError as error:
+        raise _Refusal(400, PARSE_ERROR, error.message, {}) from None
+
+
+def _message(raw: bytes) -> dict[str, Any]:
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _Refusal(400, PARSE_ERROR, f"body is not valid JSON: {exc.msg}", {}) from None
+    if isinstance(message, list):
+        raise _Refusal(400, INVALID_REQUEST, "JSON-RPC batches are not supported; send one message per POST", {})
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+        raise _Refusal(400, INVALID_REQUEST, "body must be one JSON-RPC 2.0 message", {})
+    return message
+
+
+def _strings(value: Any, out: list[str], depth: int) -> None:
+    """Every string in `value` (keys too), for the data-class detectors; bounded depth."""
+    if depth > 32:
+        return
+    if isinstance(value, str):
+        out.append(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            out.append(str(key))
+            _strings(item, out, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _strings(item, out, depth + 1)
+    elif value is not None and not isinstance(value, bool):
+        out.append(str(value))
+
+
+def _token_audiences(authorization: bytes | None) -> set[str]:
+    """The `aud` of a bearer token that the gate has verified already."""
+    if not authorization:
+        return set()
+    token = authorization.decode("latin-1").strip().partition(" ")[2].strip()
+    parts = token.split(".")
+    if len(parts) != 3:
+        return set()
+    try:
+        claims = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError):
+        return set()
+    aud = claims.get("aud") if isinstance(claims, dict) else None
+    values = aud if isinstance(aud, list) else [aud]
+    return {v for v in values if isinstance(v, str)}
+
+
+def _rpc_error(rpc_id: Any, code: int, message: str, data: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(
+        {"jsonrpc": "2.0", "id": rpc_id, "error": {"code": code, "message": message, "data": dict(data)}}
+    )
+
+
+def _code_of(error: IdgateError) -> int:
+    if isinstance(error, PayloadTooLarge):
+        return INVALID_REQUEST
+    return INVALID_REQUEST if error.status < 500 else UPSTREAM_FAILED
+
+
+def _error_code(refusal: _Refusal) -> str:
+    if refusal.code == REFUSED:
+        return "forbidden"
+    if refusal.code == BUDGET_EXCEEDED:
+        return "budget_exceeded"
+    return "invalid_request" if refusal.status < 500 else "upstream_error"
+
+
+def _upstream_refusal(server: _Server, status: int) -> _Refusal | None:
+    """The upstream refused the gateway itself (its credential), or redirected: the caller cannot fix it."""
+    name = server.config.name
+    if status in (401, 403):
+        message = f"MCP server `{name}` refused the gateway's credential (HTTP {status})"
+        return _Refusal(502, UPSTREAM_FAILED, message, {"code": "upstream_error"})
+    if 300 <= status < 400:
+        message = f"MCP server `{name}` answered with a redirect (HTTP {status}), which is not followed"
+        return _Refusal(502, UPSTREAM_FAILED, message, {"code": "upstream_error"})
+    return None
+
+
+def _down_headers(response: aiohttp.ClientResponse, request_id: str) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in response.headers.items()
+        if k.lower() in _DOWN_HEADERS
+    ]
+    headers.append((b"x-request-id", request_id.encode()))
+    if _is_sse(response):
+        headers.append((b"x-accel-buffering", b"no"))
+    return headers
+
+
+def _is_sse(response: aiohttp.ClientResponse) -> bool:
+    return response.headers.get("content-type", "").lower().startswith("text/event-stream")
+
+
+def _content_type(response: aiohttp.ClientResponse) -> bytes:
+    return response.headers.get("content-type", "application/json").encode("latin-1")
+
+
+async def _cancel_when_gone(receive: Callable[[], Awaitable[Any]], relay: asyncio.Task[Any]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    relay.cancel()
+
+
+def _client_left(watcher: asyncio.Task[None]) -> bool:
+    return watcher.done() and not watcher.cancelled() and watcher.exception() is None

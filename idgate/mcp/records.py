@@ -1,0 +1,91 @@
+"""The audit records of MCP traffic, built in one place.
+
+A relayed request leaves the records of `idgate.audit.records`, linked by
+`request_id` and the W3C `trace_id`:
+
+- `identity`: who called (always);
+- `decision` (for `tools/call`, `resources/read`, `prompts/get`): the policy's
+  answer on the tool `SERVER/NAME` with its action class and the arguments'
+  data class; committed, with the identity record, before the call goes upstream;
+- `action` `tool_call`: what was done: the tool, its outcome, the SHA-256 of the
+  arguments, the minted credential's `jti` and audience (never the token), the
+  budget counts, the upstream status and latency;
+- `action` `tool_pinned` / `tool_changed`: a tool first pinned, or withheld
+  because its description or schema changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from idgate.audit.records import RECORD_VERSION, RequestFacts, action_record
+from idgate.identity.principal import Caller
+from idgate.policy.decision import Decision
+
+__all__ = ["arguments_digest", "pin_record", "tool_call_record", "tool_decision_record"]
+
+
+def arguments_digest(arguments: Any) -> str | None:
+    if arguments is None:
+        return None
+    try:
+        return hashlib.sha256(orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    except TypeError:
+        return None
+
+
+def tool_decision_record(
+    facts: RequestFacts, tool: str, action_class: str, data_class: str, decision: Decision
+) -> dict[str, Any]:
+    """The policy decision on one tool call (the shape of `decision_record`, for a tool)."""
+    caller = facts.caller
+    context: dict[str, Any] = {
+        "data_class": data_class,
+        "tenant": caller.subject.tenant if caller else None,
+        "action_class": action_class,
+    }
+    if caller is not None and caller.credential.task:
+        context["task"] = caller.credential.task
+    return {
+        "kind": "decision",
+        "v": RECORD_VERSION,
+        "request_id": facts.request_id,
+        "trace_id": facts.trace_id,
+        "time": time.time(),
+        "subject": None if caller is None else {"id": caller.subject.id, "tenant": caller.subject.tenant},
+        "action": "call_tool",
+        "resource": {"type": "tool", "id": tool},
+        "context": context,
+        "decision_id": decision.id,
+        "allowed": decision.allowed,
+        "reason": decision.reason,
+        "policies": list(decision.policies),
+        "errors": list(decision.errors),
+        "revision": decision.revision,
+        "denied_for": decision.denied_for or None,
+        "tools_removed": None,
+    }
+
+
+def tool_call_record(
+    facts: RequestFacts,
+    tool: str,
+    outcome: str,
+    details: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The `tool_call` action: `outcome` "ok", "refused" or "error"; `details` plain values, no secret."""
+    return action_record(facts.request_id, facts.trace_id, facts.caller, "tool_call", tool, outcome, details)
+
+
+def pin_record(facts: RequestFacts, caller: Caller | None, tool: str, changed: bool, digest: str) -> dict[str, Any]:
+    """A tool pinned on first listing, or withheld because it changed since."""
+    action = "tool_changed" if changed else "tool_pinned"
+    details = {"sha256": digest, "withheld": changed}
+    return action_record(
+        facts.request_id, facts.trace_id, caller, action, tool, "refused" if changed else "ok", details
+    )
