@@ -629,6 +629,26 @@ async def test_the_cache_is_bounded(key: RSAKey, monkeypatch: pytest.MonkeyPatch
     assert verify.calls == 4
 
 
+async def test_a_full_cache_sweeps_expired_tokens_at_most_once_a_second(
+    key: RSAKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sweeping reads the whole cache; per insert it let many distinct tokens slow every call down."""
+    verify = CountingVerify(monkeypatch)
+    clock = Clock()
+    auth = Authenticator([oidc(Jwks(key))], clock=clock, cache_size=3, clock_skew=0)
+    a, b = (sign(key, {"sub": s}) for s in ("a", "b"))
+    short = sign(key, {"sub": "short"}, ttl=1)
+    for token in (a, b, short):
+        await auth.authenticate(bearer(token))
+    clock.now += 0.1
+    await auth.authenticate(bearer(sign(key, {"sub": "d"}, now=clock.now)))  # full: sweeps (nothing), evicts `a`
+    clock.now += 0.95  # `short` has expired, but the last sweep was under a second ago ...
+    await auth.authenticate(bearer(sign(key, {"sub": "e"}, now=clock.now)))
+    calls = verify.calls
+    await auth.authenticate(bearer(b))  # ... so the oldest (`b`) made room, not the expired one
+    assert verify.calls == calls + 1
+
+
 # -- claim mapping -----------------------------------------------------------------
 
 

@@ -102,6 +102,7 @@ class Authenticator:
         self._clock = clock
         self._cache: dict[bytes, _Verified] = {}
         self._cache_size = cache_size
+        self._next_sweep = 0.0
         self._resource_metadata = resource_metadata
 
     async def authenticate(self, authorization: bytes | None) -> Caller:
@@ -213,8 +214,13 @@ class Authenticator:
 
     def _remember(self, digest: bytes, verified: _Verified, now: float) -> None:
         if len(self._cache) >= self._cache_size:
-            for key in [k for k, v in self._cache.items() if now > v.expires_at + self._skew]:
-                del self._cache[key]
+            # A full cache drops expired tokens at most once a second (the sweep reads every entry:
+            # doing it per insert let a caller with many valid tokens slow every exchange down),
+            # and otherwise the oldest entries.
+            if now >= self._next_sweep:
+                self._next_sweep = now + 1.0
+                for key in [k for k, v in self._cache.items() if now > v.expires_at + self._skew]:
+                    del self._cache[key]
             while len(self._cache) >= self._cache_size:
                 del self._cache[next(iter(self._cache))]
         self._cache[digest] = verified
