@@ -25,22 +25,28 @@ A POST carries one JSON-RPC message (batches are refused). For it:
 3. **the credential**: for every request the upstream gets a token minted for
    it alone: `aud` the server, `scope` the one tool and its action class
    (`tool:NAME action:CLASS`; `mcp:METHOD` for other methods), `sub`, `act`,
-   `task`, `request_id`, seconds of life, signed with the gateway's key (its
-   JWKS at `/.well-known/jwks.json`). The caller's `Authorization` is never sent.
+   `task`, `request_id`, seconds of life (never past the caller's own
+   credential's expiry), signed with the gateway's key (its JWKS at
+   `/.well-known/jwks.json`). The caller's `Authorization` is never sent.
 4. **the call**: the identity and decision records are committed first; then
    the message goes upstream with the MCP headers (`Mcp-Session-Id`,
    `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`,
    `Last-Event-ID`, trace context). JSON and SSE answers are relayed as they
-   come; `tools/list` answers are read whole and filtered: only tools this
-   caller may call, never a withheld one. An upstream that is down, slow or
-   refuses the gateway's credential is a 502/504 with a JSON-RPC error, never
-   a hang.
+   come; `tools/list` answers are read whole, filtered (only tools this
+   caller may call, never a withheld one) and written anew, never relayed as
+   they came: one that does not parse, or is not this request's result with a
+   `tools` list (or an error), is a 502; in an event stream (CRLF, CR or LF
+   line ends) events whose data does not parse are dropped. An upstream that
+   is down, slow or refuses the gateway's credential is a 502/504 with a
+   JSON-RPC error, never a hang.
 
 GET (the server's event stream) and DELETE (end a session) are relayed the same
 way, with a minted token. A session (`Mcp-Session-Id`) belongs to the subject
-that opened it; another caller presenting its id is refused. Both protocol generations pass: the handshake-era
-`initialize` with sessions, and 2026-07-28's `server/discover` with
-self-contained requests.
+that opened it: the client holds the upstream's id with an HMAC of it and the
+caller (`sessions.py`), checked on every request on every worker; another
+caller presenting it, or a bare or forged id, is refused (404). Both protocol
+generations pass: the handshake-era `initialize` with sessions, and
+2026-07-28's `server/discover` with self-contained requests.
 """
 
 from __future__ import annotations
@@ -49,9 +55,10 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import logging
+import math
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,10 +76,12 @@ from idgate.identity.principal import Caller
 from idgate.mcp.budgets import BudgetExceeded, Budgets
 from idgate.mcp.pins import PinStore, tool_hash
 from idgate.mcp.records import arguments_digest, pin_record, tool_call_record, tool_decision_record
+from idgate.mcp.sessions import SessionIds
 from idgate.mcp.settings import McpServerConfig, McpSettings, StaticCredential
 from idgate.policy.decision import Authorizer, Decision, Resource
 from idgate.proxy.admission import DATA_CLASS_HEADER, Admission
 from idgate.proxy.http import Request, Send, _challenge, send_bytes
+from idgate.store.base import StateStore, StoreUnavailable
 from idgate.sts.tokens import Grant, TokenMinter
 
 __all__ = ["MCP_PREFIX", "MCP_RESOURCE_METADATA_PREFIX", "McpGateway", "mcp_resources"]
@@ -112,7 +121,6 @@ _UP_HEADERS = frozenset(
 _UP_PREFIX = b"mcp-param-"
 # Response headers relayed back.
 _DOWN_HEADERS = frozenset({"content-type", "mcp-session-id", "cache-control", "retry-after"})
-_SESSIONS_KEPT = 10_000
 _DECISIONS_KEPT = 10_000
 
 
@@ -168,6 +176,8 @@ class McpGateway:
         minter: TokenMinter,
         audit: AuditWriter,
         pins: PinStore,
+        store: StateStore,
+        sessions: SessionIds,
         authorization_servers: Iterable[str],
         reveal: Callable[[SecretRef], str],
         declared_class: Callable[[str], str | None] = lambda tool: None,
@@ -193,9 +203,9 @@ class McpGateway:
         self._decisions_version: object = None
         self._max_body = max_body_bytes
         self._clock = clock
-        self._budgets = Budgets(settings.budgets, clock)
+        self._budgets = Budgets(settings.budgets, store, clock)
+        self._sessions = sessions
         self._session: aiohttp.ClientSession | None = None
-        self._owners: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()  # (server, session) -> who
         self._servers: dict[str, _Server] = {}
         self._resources = frozenset(mcp_resources(settings, base_url))
         for config in settings.servers:
@@ -211,33 +221,25 @@ class McpGateway:
 
     def methods(self, path: str) -> dict[str, Handler] | None:
         """The handlers for `path`, if it is one of this gateway's (None: not an MCP path)."""
-        if path.startswith(MCP_PREFIX):
-            found = self._servers.get(path[len(MCP_PREFIX) :])
-            if found is None:
-                return None
-            server = found
-
-            async def post(request: Request, send: Send) -> None:
-                await self._post(server, request, send)
-
-            async def get(request: Request, send: Send) -> None:
-                await self._passthrough(server, request, send, "GET")
-
-            async def delete(request: Request, send: Send) -> None:
-                await self._passthrough(server, request, send, "DELETE")
-
-            return {"POST": post, "GET": get, "DELETE": delete}
-        if path.startswith(MCP_RESOURCE_METADATA_PREFIX):
-            described = self._servers.get(path[len(MCP_RESOURCE_METADATA_PREFIX) :])
-            if described is None:
-                return None
-            resource = described
-
-            async def metadata(request: Request, send: Send) -> None:
-                await self._metadata(resource, request, send)
-
-            return {"GET": metadata}
+        for prefix, handlers in (
+            (MCP_PREFIX, self._server_methods),
+            (MCP_RESOURCE_METADATA_PREFIX, self._metadata_methods),
+        ):
+            if path.startswith(prefix):
+                server = self._servers.get(path[len(prefix) :])
+                return None if server is None else handlers(server)
         return None
+
+    def _server_methods(self, server: _Server) -> dict[str, Handler]:
+        """The MCP endpoint of one server: JSON-RPC posts go through the checks, GET (SSE) and DELETE pass."""
+        return {
+            "POST": functools.partial(self._post, server),
+            "GET": functools.partial(self._passthrough, server, method="GET"),
+            "DELETE": functools.partial(self._passthrough, server, method="DELETE"),
+        }
+
+    def _metadata_methods(self, server: _Server) -> dict[str, Handler]:
+        return {"GET": functools.partial(self._metadata, server)}
 
     async def start(self) -> None:
         if self._session is None and self._servers:
@@ -273,7 +275,7 @@ class McpGateway:
         try:
             facts.caller = await self._caller(server, request)
             message = _message(await _body(request, self._max_body))
-            self._check_session(server, request, facts.caller)
+            session = self._check_session(server, request, facts.caller)
             method = message.get("method")
             if method in CONTROLLED:  # a notification that names a tool call is decided all the same
                 call = self._decide(server, str(method), message, facts, request)
@@ -286,17 +288,10 @@ class McpGateway:
                 )
             else:
                 self._audit.check()
-        except _Refusal as refusal:
-            await self._refuse(send, facts, message, refusal, call)
+        except (_Refusal, IdgateError) as error:
+            await self._stopped(send, facts, server, message, error, call)
             return
-        except AuthenticationError as error:
-            await self._unauthenticated(send, facts, server, message, error)
-            return
-        except IdgateError as error:
-            failed = _Refusal(error.status, _code_of(error), error.message, {"code": error.code})
-            await self._refuse(send, facts, message, failed, None)
-            return
-        await self._forward(server, request, send, facts, message, call)
+        await self._forward(server, request, send, facts, message, call, session)
 
     def _decide(
         self, server: _Server, method: str, message: dict[str, Any], facts: RequestFacts, request: Request
@@ -394,6 +389,7 @@ class McpGateway:
         facts: RequestFacts,
         message: dict[str, Any],
         call: _Call | None,
+        session: str | None,
     ) -> None:
         caller = facts.caller
         assert caller is not None
@@ -409,16 +405,26 @@ class McpGateway:
             }
             try:
                 if method == "tools/call":
-                    details["budget"] = self._budgets.spend(caller, call.action_class != _READ)
+                    details["budget"] = await self._budgets.spend(caller, call.action_class != _READ)
             except BudgetExceeded as exceeded:
                 data = {"limit": exceeded.limit, "allowed": exceeded.allowed, "request_id": facts.request_id}
                 data["decision_id"] = call.decision.id
                 await self._refuse(send, facts, message, _Refusal(429, BUDGET_EXCEEDED, str(exceeded), data), call)
                 return
+            except StoreUnavailable:
+                # Budgets fail closed: a call that cannot be counted does not go upstream.
+                text = "the tool-call budgets cannot be checked now; try again"
+                data = {"code": "unavailable", "decision_id": call.decision.id}
+                await self._refuse(send, facts, message, _Refusal(503, UPSTREAM_FAILED, text, data), call)
+                return
             scope: tuple[str, ...] = (f"tool:{call.name}", f"action:{call.action_class}")
         else:
             scope = (f"mcp:{method}" if isinstance(method, str) else "mcp:message",)
-        headers = self._upstream_headers(server, request, caller, scope, facts, details)
+        try:
+            headers = self._upstream_headers(server, request, caller, scope, facts, details, session)
+        except AuthenticationError as error:
+            await self._unauthenticated(send, facts, server, message, error)
+            return
         started = time.perf_counter()
         try:
             response = await self._open(server, "POST", headers, orjson.dumps(message), streaming=False)
@@ -431,12 +437,12 @@ class McpGateway:
             if refused is not None:
                 await self._refuse(send, facts, message, refused, call, details)
                 return
-            self._note_session(server, response, caller)
-            if method == "tools/list" and response.status == 200:
-                await self._relay_filtered(server, request, send, facts, message, response)
+            down_session = self._client_session(server, response, caller)
+            if method == "tools/list":
+                await self._relay_filtered(server, send, facts, message, response, down_session)
                 return
             facts.status = response.status
-            completed = await self._relay(request, send, facts, response, message)
+            completed = await self._relay(request, send, facts, response, message, down_session)
             details["upstream_ms"] = round((time.perf_counter() - started) * 1000, 3)
             if not completed:
                 facts.error_code, facts.error = "client_disconnected", "the client went away before the answer ended"
@@ -452,19 +458,31 @@ class McpGateway:
         scope: tuple[str, ...],
         facts: RequestFacts,
         details: dict[str, Any],
+        session: str | None,
     ) -> dict[str, str]:
         headers: dict[str, str] = {}
         for key, value in request.scope["headers"]:
             name = key.lower()
             if name in _UP_HEADERS or name.startswith(_UP_PREFIX):
                 headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        # The session id the client holds is bound to it; the upstream gets back the one it issued.
+        headers.pop("mcp-session-id", None)
+        if session is not None:
+            headers["mcp-session-id"] = session
         if server.minted:
+            now = self._clock()
+            expires_at = int(now) + self._settings.token_ttl_seconds
+            # Never longer than the caller's own credential: what it could do ends when that does.
+            if math.isfinite(caller.credential.expires_at):
+                expires_at = min(expires_at, math.floor(caller.credential.expires_at))
+            if expires_at <= now:
+                raise InvalidToken("the credential has expired")
             minted = self._minter.mint(
                 Grant(
                     subject=caller.subject,
                     subject_issuer=caller.subject.issuer,
                     audiences=(server.config.token_audience,),
-                    expires_at=int(self._clock()) + self._settings.token_ttl_seconds,
+                    expires_at=expires_at,
                     scope=scope,
                     actors=caller.actors,
                     task=caller.credential.task,
@@ -508,9 +526,10 @@ class McpGateway:
         facts: RequestFacts,
         response: aiohttp.ClientResponse,
         message: dict[str, Any] | None,
+        session: str | None,
     ) -> bool:
         """Relay the answer as it comes; False if the client left first."""
-        headers = _down_headers(response, facts.request_id)
+        headers = _down_headers(response, facts.request_id, session)
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         relay = asyncio.current_task()
         assert relay is not None
@@ -536,13 +555,27 @@ class McpGateway:
     async def _relay_filtered(
         self,
         server: _Server,
-        request: Request,
         send: Send,
         facts: RequestFacts,
         message: dict[str, Any],
         response: aiohttp.ClientResponse,
+        session: str | None,
     ) -> None:
-        """A `tools/list` answer, read whole, with only the tools this caller may call."""
+        """A `tools/list` answer, read whole, with only the tools this caller may call.
+
+        Nothing of it is relayed as it came: the answer is parsed and written anew. An answer that
+        cannot be parsed, or that is not this request's result with a `tools` list (or an error), is a
+        502: a list that was not filtered and pinned never reaches the caller."""
+        name = server.config.name
+        if response.status != 200:
+            if response.status == 404:
+                text = f"MCP server `{name}` does not know this session"
+                refusal = _Refusal(404, INVALID_REQUEST, text, {"code": "session_not_found"})
+            else:
+                text = f"MCP server `{name}` answered tools/list with HTTP {response.status}"
+                refusal = _Refusal(502, UPSTREAM_FAILED, text, {"code": "upstream_error"})
+            await self._refuse(send, facts, message, refusal, None)
+            return
         limit = self._settings.max_response_bytes
         try:
             raw = bytearray()
@@ -551,7 +584,7 @@ class McpGateway:
                 if len(raw) > limit:
                     raise _Refusal(502, UPSTREAM_FAILED, f"tools/list answer is over {limit} bytes", {})
         except (aiohttp.ClientError, TimeoutError) as exc:
-            message_text = f"MCP server `{server.config.name}` broke off its tools/list answer ({type(exc).__name__})"
+            message_text = f"MCP server `{name}` broke off its tools/list answer ({type(exc).__name__})"
             await self._refuse(send, facts, message, _Refusal(502, UPSTREAM_FAILED, message_text, {}), None)
             return
         except _Refusal as refusal:
@@ -559,45 +592,75 @@ class McpGateway:
             return
         caller = facts.caller
         assert caller is not None
-        if _is_sse(response):
+        sse = _is_sse(response)
+        if sse:
             body = self._filter_sse(server, bytes(raw), message.get("id"), caller, facts)
         else:
-            body = self._filter_json(server, bytes(raw), caller, facts)
+            body = self._filter_json(server, bytes(raw), message.get("id"), caller, facts)
+        if body is None:
+            text = f"MCP server `{name}` sent a tools/list answer that is not a JSON-RPC answer to it"
+            await self._refuse(
+                send, facts, message, _Refusal(502, UPSTREAM_FAILED, text, {"code": "upstream_error"}), None
+            )
+            return
         facts.status = 200
         self._audit_quietly(identity_record(facts, ended=True))
         extra = [
-            h for h in _down_headers(response, "") if h[0] not in (b"content-type", b"x-request-id", b"cache-control")
+            h
+            for h in _down_headers(response, "", session)
+            if h[0] not in (b"content-type", b"x-request-id", b"cache-control")
         ]
         extra.append((b"cache-control", b"private"))
-        await send_bytes(send, 200, body, facts.request_id, content_type=_content_type(response), extra=extra)
+        content_type = b"text/event-stream" if sse else b"application/json"
+        await send_bytes(send, 200, body, facts.request_id, content_type=content_type, extra=extra)
 
-    def _filter_json(self, server: _Server, raw: bytes, caller: Caller, facts: RequestFacts) -> bytes:
+    def _filter_json(
+        self, server: _Server, raw: bytes, rpc_id: Any, caller: Caller, facts: RequestFacts
+    ) -> bytes | None:
+        """The filtered answer, written anew; None if `raw` is not the answer to request `rpc_id`."""
         try:
             answer = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return raw
-        if isinstance(answer, dict):
-            self._filter_answer(server, answer, caller, facts)
-            return orjson.dumps(answer)
-        return raw
+            return None
+        if not _is_list_answer(answer, rpc_id):
+            return None
+        self._filter_answer(server, answer, caller, facts)
+        return orjson.dumps(answer)
 
-    def _filter_sse(self, server: _Server, raw: bytes, rpc_id: Any, caller: Caller, facts: RequestFacts) -> bytes:
+    def _filter_sse(
+        self, server: _Server, raw: bytes, rpc_id: Any, caller: Caller, facts: RequestFacts
+    ) -> bytes | None:
+        """The event stream written anew: each event whose data is a JSON-RPC message, the answer to
+        request `rpc_id` filtered. Events whose data does not parse are dropped; None if no event
+        carries the answer."""
         out: list[bytes] = []
-        for event in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
-            if not event.strip():
+        answered = False
+        text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")  # SSE ends lines with CRLF, LF or CR
+        for block in text.split(b"\n\n"):
+            event = _sse_event(block)
+            if event is None:
                 continue
-            lines = event.split(b"\n")
-            data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
+            event_id, event_type, data = event
             try:
-                answer = orjson.loads(data) if data else None
+                parsed = orjson.loads(data)
             except orjson.JSONDecodeError:
-                answer = None
-            if isinstance(answer, dict) and answer.get("id") == rpc_id and "result" in answer:
-                self._filter_answer(server, answer, caller, facts)
-                kept = [line for line in lines if not line.startswith(b"data:")]
-                event = b"\n".join([*kept, b"data: " + orjson.dumps(answer)])
-            out.append(event + b"\n\n")
-        return b"".join(out)
+                continue
+            if not isinstance(parsed, dict):
+                continue
+            if "method" not in parsed and ("result" in parsed or "error" in parsed):
+                # An answer: this request's, filtered; another request's has no business here.
+                if not _same_id(parsed.get("id"), rpc_id):
+                    continue
+                if not _is_list_answer(parsed, rpc_id):
+                    return None
+                self._filter_answer(server, parsed, caller, facts)
+                answered = True
+            lines = [] if event_id is None else [b"id: " + event_id]
+            if event_type is not None:
+                lines.append(b"event: " + event_type)
+            lines.append(b"data: " + orjson.dumps(parsed))
+            out.append(b"\n".join(lines) + b"\n\n")
+        return b"".join(out) if answered else None
 
     def _filter_answer(self, server: _Server, answer: dict[str, Any], caller: Caller, facts: RequestFacts) -> None:
         result = answer.get("result")
@@ -631,18 +694,12 @@ class McpGateway:
         facts = _facts(request)
         try:
             caller = facts.caller = await self._caller(server, request)
-            self._check_session(server, request, caller)
+            session = self._check_session(server, request, caller)
             self._audit.check()
-            headers = self._upstream_headers(server, request, caller, (f"mcp:{method}",), facts, {})
+            headers = self._upstream_headers(server, request, caller, (f"mcp:{method}",), facts, {}, session)
             response = await self._open(server, method, headers, None, streaming=method == "GET")
-        except _Refusal as refusal:
-            await self._refuse(send, facts, None, refusal, None)
-            return
-        except AuthenticationError as error:
-            await self._unauthenticated(send, facts, server, None, error)
-            return
-        except IdgateError as error:
-            await self._refuse(send, facts, None, _Refusal(error.status, _code_of(error), error.message, {}), None)
+        except (_Refusal, IdgateError) as error:
+            await self._stopped(send, facts, server, None, error, None)
             return
         try:
             refused = _upstream_refusal(server, response.status)
@@ -650,11 +707,9 @@ class McpGateway:
                 await self._refuse(send, facts, None, refused, None)
                 return
             facts.status = response.status
-            if method == "DELETE" and response.status < 300:
-                session = request.header(b"mcp-session-id")
-                if session is not None:
-                    self._owners.pop((server.config.name, session.decode("latin-1")), None)
-            completed = await self._relay(request, send, facts, response, None)
+            completed = await self._relay(
+                request, send, facts, response, None, self._client_session(server, response, caller)
+            )
             if not completed:
                 facts.error_code, facts.error = "client_disconnected", "the client closed the stream"
             self._audit_quietly(identity_record(facts, ended=True))
@@ -672,24 +727,23 @@ class McpGateway:
             raise InvalidToken(f"token audience is another MCP server; expected `{server.resource}`")
         return caller
 
-    def _check_session(self, server: _Server, request: Request, caller: Caller) -> None:
-        """A session started by one subject is not usable by another."""
-        session = request.header(b"mcp-session-id")
-        if session is None:
-            return
-        owner = self._owners.get((server.config.name, session.decode("latin-1")))
-        if owner is not None and owner != (caller.subject.issuer, caller.subject.id):
-            raise _Refusal(404, INVALID_REQUEST, "no such session for this caller", {"code": "session_not_found"})
+    def _check_session(self, server: _Server, request: Request, caller: Caller) -> str | None:
+        """The upstream session id in the request's `Mcp-Session-Id`, if it was given to this caller.
 
-    def _note_session(self, server: _Server, response: aiohttp.ClientResponse, caller: Caller) -> None:
-        session = response.headers.get("mcp-session-id")
-        if session is None:
-            return
-        key = (server.config.name, session)
-        if key not in self._owners:
-            self._owners[key] = (caller.subject.issuer, caller.subject.id)
-            if len(self._owners) > _SESSIONS_KEPT:
-                self._owners.popitem(last=False)
+        A session started by one subject is not usable by another (see `sessions.py`): an id this
+        caller was not given, forged or unknown, is refused as a session the server does not know."""
+        client_id = request.header(b"mcp-session-id")
+        if client_id is None:
+            return None
+        upstream_id = self._sessions.unwrap(server.config.name, caller, client_id.decode("latin-1"))
+        if upstream_id is None:
+            raise _Refusal(404, INVALID_REQUEST, "no such session for this caller", {"code": "session_not_found"})
+        return upstream_id
+
+    def _client_session(self, server: _Server, response: aiohttp.ClientResponse, caller: Caller) -> str | None:
+        """The `Mcp-Session-Id` the client is given for the one the upstream named (None: it named none)."""
+        upstream_id = response.headers.get("mcp-session-id")
+        return None if upstream_id is None else self._sessions.wrap(server.config.name, caller, upstream_id)
 
     # -- endings -------------------------------------------------------------------------
 
@@ -701,6 +755,24 @@ class McpGateway:
         if facts.error_code is not None:
             details["error"] = {"code": facts.error_code, "message": facts.error}
         self._audit_quietly(tool_call_record(facts, call.tool, outcome, details))
+
+    async def _stopped(
+        self,
+        send: Send,
+        facts: RequestFacts,
+        server: _Server,
+        message: dict[str, Any] | None,
+        error: _Refusal | IdgateError,
+        call: _Call | None,
+    ) -> None:
+        """Answer a request stopped before it went upstream: refused by a check, unauthenticated, or failed."""
+        if isinstance(error, _Refusal):
+            await self._refuse(send, facts, message, error, call)
+        elif isinstance(error, AuthenticationError):
+            await self._unauthenticated(send, facts, server, message, error)
+        else:
+            failed = _Refusal(error.status, _code_of(error), error.message, {"code": error.code})
+            await self._refuse(send, facts, message, failed, None)
 
     async def _refuse(
         self,
@@ -778,6 +850,40 @@ def _header_value(value: str) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
     return value
+
+
+def _is_list_answer(answer: Any, rpc_id: Any) -> bool:
+    """`answer` is the JSON-RPC answer to request `rpc_id`: a result holding a `tools` list, or an error."""
+    if not isinstance(answer, dict) or "id" not in answer or not _same_id(answer["id"], rpc_id):
+        return False
+    if "error" in answer:
+        return "result" not in answer and isinstance(answer["error"], dict)
+    result = answer.get("result")
+    return isinstance(result, dict) and isinstance(result.get("tools"), list)
+
+
+def _same_id(one: Any, other: Any) -> bool:
+    """JSON-RPC ids compared as JSON values (`1` is not `true` nor `1.0`)."""
+    return type(one) is type(other) and bool(one == other)
+
+
+def _sse_event(block: bytes) -> tuple[bytes | None, bytes | None, bytes] | None:
+    """One server-sent event (lines already split on LF): its `id`, `event` and `data`; None if no data."""
+    event_id: bytes | None = None
+    event_type: bytes | None = None
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue
+        field, _, value = line.partition(b":")
+        value = value[1:] if value.startswith(b" ") else value
+        if field == b"data":
+            data.append(value)
+        elif field == b"id" and b"\0" not in value:
+            event_id = value
+        elif field == b"event":
+            event_type = value
+    return (event_id, event_type, b"\n".join(data)) if data else None
 
 
 def _refused(call: _Call, facts: RequestFacts) -> _Refusal:
@@ -885,12 +991,15 @@ def _upstream_refusal(server: _Server, status: int) -> _Refusal | None:
     return None
 
 
-def _down_headers(response: aiohttp.ClientResponse, request_id: str) -> list[tuple[bytes, bytes]]:
+def _down_headers(response: aiohttp.ClientResponse, request_id: str, session: str | None) -> list[tuple[bytes, bytes]]:
+    """The response headers relayed; `session` (the caller's wrapped id) stands for the upstream's own."""
     headers = [
         (k.lower().encode("latin-1"), v.encode("latin-1"))
         for k, v in response.headers.items()
-        if k.lower() in _DOWN_HEADERS
+        if k.lower() in _DOWN_HEADERS and k.lower() != "mcp-session-id"
     ]
+    if session is not None:
+        headers.append((b"mcp-session-id", session.encode("latin-1")))
     headers.append((b"x-request-id", request_id.encode()))
     if _is_sse(response):
         headers.append((b"x-accel-buffering", b"no"))

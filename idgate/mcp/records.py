@@ -17,13 +17,12 @@ A relayed request leaves the records of `idgate.audit.records`, linked by
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-from idgate.audit.records import RECORD_VERSION, RequestFacts, action_record
+from idgate.audit.records import RequestFacts, action_record, decision_of
 from idgate.identity.principal import Caller
 from idgate.policy.decision import Decision
 
@@ -43,33 +42,8 @@ def tool_decision_record(
     facts: RequestFacts, tool: str, action_class: str, data_class: str, decision: Decision
 ) -> dict[str, Any]:
     """The policy decision on one tool call (the shape of `decision_record`, for a tool)."""
-    caller = facts.caller
-    context: dict[str, Any] = {
-        "data_class": data_class,
-        "tenant": caller.subject.tenant if caller else None,
-        "action_class": action_class,
-    }
-    if caller is not None and caller.credential.task:
-        context["task"] = caller.credential.task
-    return {
-        "kind": "decision",
-        "v": RECORD_VERSION,
-        "request_id": facts.request_id,
-        "trace_id": facts.trace_id,
-        "time": time.time(),
-        "subject": None if caller is None else {"id": caller.subject.id, "tenant": caller.subject.tenant},
-        "action": "call_tool",
-        "resource": {"type": "tool", "id": tool},
-        "context": context,
-        "decision_id": decision.id,
-        "allowed": decision.allowed,
-        "reason": decision.reason,
-        "policies": list(decision.policies),
-        "errors": list(decision.errors),
-        "revision": decision.revision,
-        "denied_for": decision.denied_for or None,
-        "tools_removed": None,
-    }
+    resource = {"type": "tool", "id": tool}
+    return decision_of(facts, "call_tool", resource, data_class, decision, {"action_class": action_class})
 
 
 def tool_call_record(

@@ -15,9 +15,11 @@ from idgate.config import Config
 from idgate.identity.gate import Gate
 from idgate.mcp.gateway import McpGateway, mcp_resources
 from idgate.mcp.pins import PinStore
+from idgate.mcp.sessions import SessionIds
 from idgate.policy.decision import Authorizer
 from idgate.policy.store import PolicyStore
 from idgate.proxy.admission import Admission
+from idgate.store.base import StateStore
 from idgate.sts.keys import SigningKeys
 from idgate.sts.tokens import TokenMinter
 
@@ -52,7 +54,9 @@ def build_mcp(
     keys: SigningKeys,
     audit: AuditWriter,
     policies: PolicyStore,
+    store: StateStore,
 ) -> McpGateway:
+    """`store`: the state store the budgets count in (shared by every worker)."""
     url = config.server.url
     servers = ([url] if config.sts.enabled else []) + [i.issuer for i in config.issuers]
     return McpGateway(
@@ -64,6 +68,8 @@ def build_mcp(
         minter=TokenMinter(keys, url),
         audit=audit,
         pins=PinStore(config.home),
+        store=store,
+        sessions=SessionIds.from_state(config.home),
         authorization_servers=servers,
         reveal=config.reveal,
         declared_class=declared_tool_class(policies),

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from idgate.store.base import REVOCATION_KINDS, Revocation, RevocationKind, StateStore, StoreUnavailable, Task
+from idgate.store.base import (
+    REVOCATION_KINDS,
+    Counter,
+    Revocation,
+    RevocationKind,
+    StateStore,
+    StoreUnavailable,
+    Task,
+)
 
 if TYPE_CHECKING:
     from idgate.config import Config
@@ -17,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "REVOCATION_KINDS",
     "STATE_FILE",
+    "Counter",
     "Revocation",
     "RevocationKind",
     "StateStore",

@@ -11,7 +11,9 @@ replica of the gateway:
   subject (issuer + `sub`), an agent (actor id) or a tenant. Each entry has a
   strictly increasing `seq`, so a worker keeps an in-memory view and asks only
   "what changed since seq N" (`changes`). An entry carries `until`: after it
-  no token it could apply to is alive any more, so it can be forgotten.
+  no token it could apply to is alive any more, so it can be forgotten;
+- **counters**: shared counts (the MCP tool-call budgets), added to atomically
+  with a limit (`count_up`), each forgotten after its `until`.
 
 Backends (`idgate.store.sqlite`, `idgate.store.postgres`) are synchronous: the
 async side calls them in a thread, never on the event loop. One contract test
@@ -24,11 +26,13 @@ below it: a later poll never misses one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
 __all__ = [
     "REVOCATION_KINDS",
+    "Counter",
     "Revocation",
     "RevocationKind",
     "StateStore",
@@ -66,6 +70,15 @@ class Task:
         if self.completed_at is not None:
             return "completed"
         return "expired" if now >= self.expires_at else "active"
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """A shared counter (e.g. a tool-call budget): `key`, the count it may reach, kept until `until`."""
+
+    key: str
+    limit: int
+    until: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +125,16 @@ class StateStore(Protocol):
         """Remember `key` until `until`; True the first time, False if it was seen (replay)."""
         ...
 
+    def count_up(self, counters: Sequence[Counter], now: float) -> tuple[bool, tuple[int, ...]]:
+        """Add one to every counter, atomically (one transaction), unless one is at its `limit` already.
+
+        (True, the counts after) — or (False, the counts as found), nothing changed. A counter past
+        its `until` counts from 0 again; each one added to is kept until at least its `until`.
+        """
+        ...
+
     def forget(self, now: float) -> int:
-        """Delete log entries and remembered keys no longer in force; how many went."""
+        """Delete log entries, remembered keys and counters no longer in force; how many went."""
         ...
 
     def close(self) -> None: ...
