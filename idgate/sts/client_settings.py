@@ -19,22 +19,20 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["ASYMMETRIC", "ClientSettings", "DPoPSettings", "ReplayCacheSettings"]
+__all__ = [
+    "ASYMMETRIC",
+    "JWS_ASYMMETRIC",
+    "RSA_EC_ALGORITHMS",
+    "ClientSettings",
+    "DPoPSettings",
+    "ReplayCacheSettings",
+    "algorithms_given",
+]
 
-ASYMMETRIC = (
-    "RS256",
-    "RS384",
-    "RS512",
-    "PS256",
-    "PS384",
-    "PS512",
-    "ES256",
-    "ES384",
-    "ES512",
-    "EdDSA",
-    "Ed25519",
-    "Ed448",
-)
+# The asymmetric JWS algorithms, each family once: JWT-SVIDs use the RSA and EC ones (SPIFFE).
+RSA_EC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
+JWS_ASYMMETRIC = (*RSA_EC_ALGORITHMS, "EdDSA")
+ASYMMETRIC = (*JWS_ASYMMETRIC, "Ed25519", "Ed448")
 # `Ed25519` and `Ed448` are RFC 9864's fully specified names for what `EdDSA` leaves open.
 SigningAlgorithm = Literal[
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519", "Ed448"
@@ -45,6 +43,13 @@ PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def algorithms_given(value: tuple[str, ...]) -> tuple[str, ...]:
+    """A field validator for a list of allowed algorithms: an empty one would refuse everything."""
+    if not value:
+        raise ValueError("at least one algorithm is needed")
+    return value
 
 
 class ClientSettings(_Frozen):
@@ -72,6 +77,8 @@ class ClientSettings(_Frozen):
         description="algorithms its client assertions may use (asymmetric only)",
     )
 
+    _algorithms_given = field_validator("algorithms")(algorithms_given)
+
     @field_validator("jwks")
     @classmethod
     def _public_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -96,8 +103,6 @@ class ClientSettings(_Frozen):
                 raise ValueError("a SPIFFE client authenticates with its JWT-SVID: give no `jwks*`")
         elif sources != 1:
             raise ValueError("give exactly one of `jwks_file`, `jwks_uri` or `jwks` (the client's public keys)")
-        if not self.algorithms:
-            raise ValueError("at least one algorithm is needed")
         return self
 
 
@@ -116,12 +121,7 @@ class DPoPSettings(_Frozen):
     )
     nonce_lifetime_seconds: int = Field(300, gt=0, le=3600, description="how long a server nonce is accepted")
 
-    @field_validator("algorithms")
-    @classmethod
-    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("at least one algorithm is needed")
-        return value
+    _algorithms_given = field_validator("algorithms")(algorithms_given)
 
 
 class ReplayCacheSettings(_Frozen):

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import orjson
@@ -47,11 +47,14 @@ from idgate.identity.authenticator import Authenticator
 from idgate.identity.keys import JWKSLoader, KeySet, file_loader, http_loader
 from idgate.identity.principal import Caller, Credential, Kind, Principal
 from idgate.identity.replay import ReplayCache
-from idgate.policy.decision import Authorizer, Decision, Resource
+from idgate.policy.decision import Authorizer
 from idgate.sts.client_settings import ClientSettings
 from idgate.sts.errors import InvalidClient, InvalidRequest, InvalidScope, InvalidTarget, TemporarilyUnavailable
-from idgate.sts.exchange import ACCESS_TOKEN, Issued
+from idgate.sts.exchange import ACCESS_TOKEN, Issued, authorize_audience, check_alive
 from idgate.sts.tokens import Binding, Grant, TokenMinter
+
+if TYPE_CHECKING:
+    from idgate.sts.revocation import Liveness
 
 __all__ = [
     "JWT_BEARER_ASSERTION",
@@ -80,12 +83,14 @@ class Client:
     scope: tuple[str, ...] | None  # None: tokens carry no scope
     audiences: tuple[str, ...]  # empty: the default audience only
     expires_at: float  # of the assertion that authenticated it
+    issued_at: float | None = None  # the assertion's `iat`: a kill switch ends the assertions issued until then
 
     @property
     def caller(self) -> Caller:
         principal = Principal(self.kind, self.id, self.tenant, self.issuer)
         kind: Literal["jwt", "jwt-svid"] = "jwt-svid" if self.method == "jwt-spiffe" else "jwt"
-        return Caller(principal, Credential(kind, f"client:{self.id}", "client", self.expires_at))
+        credential = Credential(kind, f"client:{self.id}", "client", self.expires_at, issued_at=self.issued_at)
+        return Caller(principal, credential)
 
 
 def _b64json(segment: str) -> dict[str, Any]:
@@ -139,7 +144,10 @@ class ClientAuthenticator:
         max_lifetime: float,
         clock_skew: float = 60.0,
         clock: Callable[[], float] = time.time,
+        liveness: Liveness | None = None,
     ) -> None:
+        """`liveness`: refuse a client whose assertion, subject, agent or tenant was revoked (kill switch)."""
+        self._liveness = liveness
         self._clients = {c.client_id: c for c in clients}
         self._keysets = keysets
         self._authenticator = authenticator
@@ -252,17 +260,20 @@ class ClientAuthenticator:
             )
         expires_at = self._times(claims)
         await self._single_use(iss, claims, expires_at, required=True)
-        scope = registered.scope or None
-        return Client(
+        iat = claims.get("iat")
+        client = Client(
             iss,
             registered.kind,
             registered.tenant,
             self._issuer,
             "private_key_jwt",
-            scope,
+            registered.scope or None,
             registered.audiences,
             expires_at,
+            float(iat) if isinstance(iat, (int, float)) else None,
         )
+        await check_alive(self._liveness, client.caller, "client_assertion", InvalidClient)
+        return client
 
     async def _jwt_svid(self, assertion: str) -> Client:
         try:
@@ -277,6 +288,7 @@ class ClientAuthenticator:
         if caller.credential.kind != "jwt-svid":
             raise InvalidClient("`client_assertion` of type `jwt-spiffe` must be a JWT-SVID of a trusted trust domain")
         await self._single_use(subject.id, claims, caller.credential.expires_at, required=False)
+        await check_alive(self._liveness, caller, "client_assertion", InvalidClient)
         registered = self._clients.get(subject.id)
         if registered is None:
             return Client(
@@ -346,19 +358,33 @@ class ClientCredentials:
         public_url: str,
         ttl_seconds: int,
         clock: Callable[[], float] = time.time,
+        gateway_audiences: tuple[str, ...] = (),
     ) -> None:
+        """`gateway_audiences`: the gateway's own accepted audiences (its MCP resources among them)."""
         self._authorizer = authorizer
         self._minter = minter
         self._default_audience = default_audience
         self._public_url = public_url.rstrip("/")
+        # A client registered without audiences may have a token for any of the gateway's own.
+        self._gateway_audiences = tuple(dict.fromkeys((default_audience, *gateway_audiences)))
         self._ttl = ttl_seconds
         self._clock = clock
 
     def audience(self, value: str) -> str:
-        """A `resource` under the gateway's own URL (e.g. its MCP endpoint) names the gateway itself."""
-        if value == self._public_url or value.startswith(self._public_url + "/"):
+        """The audience a `resource` (RFC 8707) names: the gateway's bare URL is the gateway as a whole
+        (its default audience); one of its accepted audiences (an MCP server's `{url}/mcp/{name}`) stays
+        itself, so the token is good there only; any other URL under the gateway is no resource of it."""
+        if value.rstrip("/") == self._public_url:
             return self._default_audience
+        if value in self._gateway_audiences:
+            return value
+        if value.startswith(self._public_url + "/"):
+            raise InvalidTarget(f"`resource` `{shown(value)}` is not a resource of this gateway")
         return value
+
+    def _wider(self, audience: str) -> str | None:
+        """The gateway's default audience, for a token asked for another of the gateway's own audiences."""
+        return self._default_audience if audience in self._gateway_audiences else None
 
     def issue(
         self,
@@ -371,13 +397,16 @@ class ClientCredentials:
     ) -> Issued:
         granted = self._scope(client, scope)
         asked = tuple(dict.fromkeys(self.audience(a) for a in (*resources, *audiences)))
-        allowed = client.audiences or (self._default_audience,)
+        allowed = client.audiences or self._gateway_audiences
         wider = [a for a in asked if a not in allowed]
         if wider:
             raise InvalidTarget(f"client `{shown(client.id)}` may not have tokens for `{shown(wider[0])}`")
         chosen = asked or (allowed[0],)
         caller = client.caller
-        decisions = tuple(self._authorize(caller, audience) for audience in chosen)
+        decisions = tuple(
+            authorize_audience(self._authorizer, caller, audience, "client", wider=self._wider(audience))
+            for audience in chosen
+        )
         now = self._clock()
         grant = Grant(
             subject=caller.subject,
@@ -399,15 +428,3 @@ class ClientCredentials:
         if extra:
             raise InvalidScope(f"scope `{shown(extra[0])}` is more than client `{shown(client.id)}` is registered for")
         return asked
-
-    def _authorize(self, caller: Caller, audience: str) -> Decision:
-        try:
-            decision = self._authorizer.authorize(caller, "exchange_token", Resource("audience", audience), {})
-        except Exception:  # noqa: BLE001 - fail closed: any error in policy is a deny
-            raise InvalidTarget(f"no token for audience `{shown(audience)}`: the policy could not decide") from None
-        if not decision.allowed:
-            raise InvalidTarget(
-                f"no token for audience `{shown(audience)}`: not allowed for this client "
-                f"(reason `{decision.reason}`, decision `{decision.id}`)"
-            )
-        return decision

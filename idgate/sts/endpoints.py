@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -40,15 +40,27 @@ from idgate.sts.client_settings import ASYMMETRIC
 from idgate.sts.clients import Client, ClientAuthenticator, ClientCredentials
 from idgate.sts.errors import (
     InvalidClient,
+    InvalidGrant,
     InvalidRequest,
     OAuthError,
     TemporarilyUnavailable,
     UnauthorizedClient,
     UnsupportedGrantType,
 )
-from idgate.sts.exchange import JWT, SUBJECT_TOKEN_TYPES, ExchangeRequest, Issued, TokenExchange, parse_scope
+from idgate.sts.exchange import (
+    JWT,
+    SUBJECT_TOKEN_TYPES,
+    ExchangeRequest,
+    Issued,
+    TokenExchange,
+    check_alive,
+    parse_scope,
+)
 from idgate.sts.keys import SigningKeys
 from idgate.sts.tokens import Binding
+
+if TYPE_CHECKING:
+    from idgate.sts.revocation import Liveness
 
 __all__ = [
     "CLIENT_CREDENTIALS",
@@ -155,8 +167,14 @@ class OAuthEndpoints:
         peer_thumbprint: Callable[[Request], str | None] | None = None,
         bind_certificates: bool = True,
         metadata: dict[str, Any] | None = None,
+        commit: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         """`record`: where each exchange's audit record goes (it raises when it cannot take one).
+        `liveness`: the last check before a token is minted: whoever it is issued to (the subject, every
+        actor, the client with its registered tenant) must not be revoked or held by the kill switch.
+        `commit`: how an issued token's record is committed before the token is sent (e.g.
+        `AuditWriter.commit`; it raises `ServiceUnavailable` when it cannot); without it, `record`.
         `metadata`: more RFC 8414 members (e.g. the revocation and introspection endpoints).
 
         `peer_thumbprint`: the SHA-256 thumbprint (base64url) of the client certificate of the
@@ -164,6 +182,8 @@ class OAuthEndpoints:
         """
         self._exchange = exchange
         self._record = record
+        self._commit = commit
+        self._liveness = liveness
         self._keys = keys
         self._max_body = max_body_bytes
         self._clients = clients
@@ -213,19 +233,23 @@ class OAuthEndpoints:
                 )
             binding = await self._binding(request)
             issued = await self._grant(grant_type, params, client, binding)
+            await check_alive(self._liveness, issued.caller, "the presented credential", InvalidGrant)
         except OAuthError as error:
             self._audit_quietly(exchange_record(request.id, status=error.status, error=error.error))
             await self._send_error(send, error, request.id, params, self._dpop.nonce())
             return
         minted = issued.minted
-        if self._record is not None:
+        if self._record is not None or self._commit is not None:
+            record = exchange_record(
+                request.id, status=200, caller=issued.caller, claims=minted.claims, decisions=issued.decisions
+            )
             try:
-                # INVARIANT: no token leaves unrecorded; a trail that cannot record refuses.
-                self._record(
-                    exchange_record(
-                        request.id, status=200, caller=issued.caller, claims=minted.claims, decisions=issued.decisions
-                    )
-                )
+                # INVARIANT: no token leaves unrecorded: its record is committed (not just queued) before
+                # it is sent, and a trail that cannot record refuses (DESIGN.md, invariant 6).
+                if self._commit is not None:
+                    await self._commit(record)
+                elif self._record is not None:
+                    self._record(record)
             except ServiceUnavailable:
                 unavailable = TemporarilyUnavailable("the audit trail cannot record right now; no token was issued")
                 await self._send_error(send, unavailable, request.id, params, None)

@@ -10,8 +10,10 @@ The rules, each a refusal when it fails:
 3. The audience is what was asked (`resource`, `audience`), else the default;
    a gateway token exchanged again keeps at most its own audiences.
 4. The scope is what was asked, and never more than the subject token's own
-   `scope` or the actor token's (when they have one): asking for more is
-   `invalid_scope`. Asking for nothing grants what both tokens hold.
+   `scope` or the actor token's (when it has one): asking for more is
+   `invalid_scope`. Asking for nothing grants what both tokens hold. A subject
+   token without a `scope` claim (an ID token, a JWT-SVID) holds none: asking
+   for any is `invalid_scope`, and the new token carries no `scope`.
 5. Policy: the caller (subject and the new actor chain) must be allowed
    `exchange_token` on each audience; a deny is `invalid_target`.
 6. The lifetime is the configured one, and never beyond the subject or actor
@@ -35,7 +37,14 @@ from idgate.identity.authenticator import Authenticator
 from idgate.identity.principal import Actor, Caller
 from idgate.policy.decision import Authorizer, Decision, Resource
 from idgate.store.base import StoreUnavailable
-from idgate.sts.errors import InvalidGrant, InvalidRequest, InvalidScope, InvalidTarget, TemporarilyUnavailable
+from idgate.sts.errors import (
+    InvalidGrant,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    OAuthError,
+    TemporarilyUnavailable,
+)
 from idgate.sts.tokens import UNBOUND, Binding, Grant, MintedToken, TokenMinter
 
 if TYPE_CHECKING:
@@ -50,6 +59,8 @@ __all__ = [
     "SUBJECT_TOKEN_TYPES",
     "ExchangeRequest",
     "TokenExchange",
+    "authorize_audience",
+    "check_alive",
 ]
 
 ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 - a URN, not a secret
@@ -59,7 +70,7 @@ SUBJECT_TOKEN_TYPES = (ACCESS_TOKEN, ID_TOKEN, JWT)
 ISSUED_TOKEN_TYPES = (ACCESS_TOKEN, JWT)
 
 # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-MAX_PARENTS = 16  # a chain of exchanges deeper than this keeps its nearest ancestors
+MAX_PARENTS = 16  # the most ancestors a token may have: a deeper chain of exchanges is refused, never cut
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
 
 
@@ -125,10 +136,8 @@ def _token_scope(claims: dict[str, Any], what: str) -> tuple[str, ...] | None:
 
 def _within_task(scope: tuple[str, ...] | None, task: Task, *, asked: bool) -> tuple[str, ...] | None:
     """The scope of a task-bound token: within the task's scope (asked for more: `invalid_scope`)."""
-    if task.scope is None:
-        return scope
-    if scope is None:
-        return task.scope
+    if task.scope is None or scope is None:
+        return scope  # no scope held: a task's scope is a ceiling, never a grant
     extra = [s for s in scope if s not in task.scope]
     if extra and asked:
         raise InvalidScope(f"scope `{shown(extra[0])}` is more than the task allows")
@@ -139,19 +148,59 @@ def _within_task(scope: tuple[str, ...] | None, task: Task, *, asked: bool) -> t
 
 
 def _parents(subject: _Verified, actor: _Verified | None) -> tuple[str, ...]:
-    """The ids of the tokens a new one comes from, and theirs (bounded): revoking any of them ends it."""
+    """The ids of the tokens a new one comes from, and theirs: revoking any of them ends it.
+
+    Never truncated: dropping the oldest ancestor would let a token escape the revocation of
+    its root by being re-exchanged often enough, so a chain deeper than `MAX_PARENTS` is refused."""
     parents: list[str] = []
     for verified in (subject, actor):
         if verified is not None:
             credential = verified.caller.credential
             parents.extend((credential.id, *credential.parents))
-    return tuple(dict.fromkeys(parents))[:MAX_PARENTS]
+    unique = tuple(dict.fromkeys(parents))
+    if len(unique) > MAX_PARENTS:
+        raise InvalidGrant(f"delegation chain too deep: a token may come from at most {MAX_PARENTS} tokens")
+    return unique
 
 
 def _token_audiences(claims: dict[str, Any]) -> tuple[str, ...]:
     aud = claims.get("aud")
     values = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
     return tuple(v for v in values if isinstance(v, str))
+
+
+async def check_alive(liveness: Liveness | None, caller: Caller, what: str, refused: type[OAuthError]) -> None:
+    """Refuse a credential that was revoked (or its task, session, subject, agent or tenant): `refused`,
+    or `temporarily_unavailable` when the revocation state cannot be known (fail closed)."""
+    if liveness is None:
+        return
+    try:
+        await liveness.verify(caller)
+    except ServiceUnavailable:
+        raise TemporarilyUnavailable(f"`{what}` cannot be checked now: revocation state unavailable") from None
+    except AuthenticationError as exc:
+        raise refused(f"`{what}` is not valid: {exc.message}") from None
+
+
+def authorize_audience(
+    authorizer: Authorizer, caller: Caller, audience: str, who: str, *, wider: str | None = None
+) -> Decision:
+    """The policy's allow for `caller` to get a token for `audience` (`exchange_token`), or `InvalidTarget`.
+
+    `wider`: an audience whose token holds more (the gateway as a whole, for one of its MCP
+    resources): whoever may have that one may have this narrower one too."""
+    try:
+        decision = authorizer.authorize(caller, "exchange_token", Resource("audience", audience), {})
+        if not decision.allowed and wider is not None and wider != audience:
+            decision = authorizer.authorize(caller, "exchange_token", Resource("audience", wider), {})
+    except Exception:  # noqa: BLE001 - fail closed: any error in policy is a deny
+        raise InvalidTarget(f"no token for audience `{shown(audience)}`: the policy could not decide") from None
+    if not decision.allowed:
+        raise InvalidTarget(
+            f"no token for audience `{shown(audience)}`: not allowed for this {who} "
+            f"(reason `{decision.reason}`, decision `{decision.id}`)"
+        )
+    return decision
 
 
 class TokenExchange:
@@ -168,8 +217,11 @@ class TokenExchange:
         clock: Callable[[], float] = time.time,
         liveness: Liveness | None = None,
         tasks: Tasks | None = None,
+        gateway_audiences: tuple[str, ...] = (),
     ) -> None:
-        """`liveness`: refuse revoked subject/actor tokens; `tasks`: where the `task` parameter is looked up."""
+        """`liveness`: refuse revoked subject/actor tokens; `tasks`: where the `task` parameter is looked up;
+        `gateway_audiences`: the gateway's own accepted audiences (its MCP resources among them)."""
+        self._gateway_audiences = frozenset(gateway_audiences)
         self._liveness = liveness
         self._tasks = tasks
         self._authenticator = authenticator
@@ -182,6 +234,10 @@ class TokenExchange:
     @property
     def issuer(self) -> str:
         return self._minter.issuer
+
+    def _wider(self, audience: str) -> str | None:
+        """The gateway's default audience, for a token asked for another of the gateway's own audiences."""
+        return self._default_audience if audience in self._gateway_audiences else None
 
     async def exchange(self, request: ExchangeRequest) -> Issued:
         subject = await self._verify(request.subject_token, "subject_token")
@@ -203,7 +259,10 @@ class TokenExchange:
             principal = actor.caller.subject
             chain = (Actor(principal.id, principal.kind, principal.issuer), *chain)
         caller = Caller(subject.caller.subject, subject.caller.credential, chain)
-        decisions = tuple(self._authorize(caller, audience) for audience in audiences)
+        decisions = tuple(
+            authorize_audience(self._authorizer, caller, audience, "caller", wider=self._wider(audience))
+            for audience in audiences
+        )
         now = self._clock()
         expires_at = min(now + self._ttl, subject.caller.credential.expires_at)
         if actor is not None:
@@ -233,14 +292,8 @@ class TokenExchange:
             raise TemporarilyUnavailable(f"`{what}` cannot be checked now: its issuer's keys are unavailable") from None
         except AuthenticationError as exc:
             raise InvalidGrant(f"`{what}` is not valid: {exc.message}") from None
-        if self._liveness is not None:
-            # A revoked token, or one of an ended task or session, cannot be exchanged.
-            try:
-                await self._liveness.verify(caller)
-            except ServiceUnavailable:
-                raise TemporarilyUnavailable(f"`{what}` cannot be checked now: revocation state unavailable") from None
-            except AuthenticationError as exc:
-                raise InvalidGrant(f"`{what}` is not valid: {exc.message}") from None
+        # A revoked token, or one of an ended task or session, cannot be exchanged.
+        await check_alive(self._liveness, caller, what, InvalidGrant)
         return _Verified(caller, _claims(token))
 
     async def _bound_task(self, task_id: str | None, subject: _Verified, actor: _Verified | None) -> Task | None:
@@ -308,14 +361,22 @@ class TokenExchange:
 
     @staticmethod
     def _scope(asked: tuple[str, ...] | None, subject: _Verified, actor: _Verified | None) -> tuple[str, ...] | None:
-        limits = [(s, "subject_token") for s in (_token_scope(subject.claims, "subject_token"),) if s is not None]
+        # The subject token's `scope` is the ceiling, and a subject token without one holds no scope
+        # at all (an ID token, a JWT-SVID): asking for any is `invalid_scope`, asking for none gets none.
+        # An actor token's `scope`, when it has one, narrows further.
+        subject_scope = _token_scope(subject.claims, "subject_token")
+        if subject_scope is None:
+            if asked is not None:
+                raise InvalidScope(
+                    f"scope `{shown(asked[0])}` is more than the `subject_token` holds (it carries no `scope`)"
+                )
+            return None
+        limits = [(subject_scope, "subject_token")]
         if actor is not None:
             held = _token_scope(actor.claims, "actor_token")
             if held is not None:
                 limits.append((held, "actor_token"))
         if asked is None:
-            if not limits:
-                return None
             granted = limits[0][0]
             for held, _ in limits[1:]:
                 granted = tuple(s for s in granted if s in held)
@@ -327,18 +388,6 @@ class TokenExchange:
             if extra:
                 raise InvalidScope(f"scope `{shown(extra[0])}` is more than the `{what}` holds")
         return asked
-
-    def _authorize(self, caller: Caller, audience: str) -> Decision:
-        try:
-            decision = self._authorizer.authorize(caller, "exchange_token", Resource("audience", audience), {})
-        except Exception:  # noqa: BLE001 - fail closed: any error in policy is a deny
-            raise InvalidTarget(f"no token for audience `{shown(audience)}`: the policy could not decide") from None
-        if not decision.allowed:
-            raise InvalidTarget(
-                f"no token for audience `{shown(audience)}`: not allowed for this caller "
-                f"(reason `{decision.reason}`, decision `{decision.id}`)"
-            )
-        return decision
 
     def _subject_issuer(self, subject: _Verified) -> str:
         if self._is_gateway_token(subject):

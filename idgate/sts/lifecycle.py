@@ -10,14 +10,17 @@
   live gateway token, `{"active": false}` for anything else.
 - `POST /oauth2/backchannel-logout` (OpenID Connect Back-Channel Logout 1.0):
   a logout token from an issuer named in `backchannel_logout.issuers` ends the
-  session (`sid`), or every token of the subject (`sub`) issued until now.
+  session (`sid`), or every token of the subject (`sub`) issued until now; by
+  `sub` only where that issuer's principal ids are the `sub` (`claims.subject`).
 - `POST /ssf/events` (RFC 8935 push of a Security Event Token, RFC 8417): a
   CAEP `session-revoked` event from a transmitter in `ssf.transmitters` does the
-  same. 202 on success; 400 `{"err", "description"}` (RFC 8935 §2.3) otherwise.
-  An event signed by an unknown key changes nothing.
-- `POST /admin/revoke`: the kill switch, for administrators (`admin`): every
-  token of a subject, an agent or a tenant issued until now, one token (`jti`),
-  a task, or a session.
+  same, for the subjects and sessions of the issuers that transmitter speaks for
+  (`issuers`), each identified as that issuer identifies its principals. 202 on
+  success; 400 `{"err", "description"}` (RFC 8935 §2.3) otherwise. An event
+  signed by an unknown key changes nothing.
+- `POST /admin/revoke`: the kill switch, for administrators (`admin`): a hold on
+  a subject, an agent or a tenant (every token naming it is refused, and none is
+  issued, until `"lift": true` lifts it), one token (`jti`), a task, or a session.
 
 Every change leaves an `action` audit record (`task_started`, `task_completed`,
 `revocation`), never a token. A revocation is applied even when the trail cannot
@@ -55,7 +58,7 @@ from idgate.errors import (
 )
 from idgate.identity.authenticator import Authenticator
 from idgate.identity.gate import Gate
-from idgate.identity.issuers import OidcIssuer, TokenIssuer
+from idgate.identity.issuers import OidcIssuer, SpiffeIssuer, TokenIssuer
 from idgate.identity.keys import KeySet, file_loader, http_loader
 from idgate.identity.principal import Caller
 from idgate.proxy.http import Request, Send, send_bytes, send_error
@@ -64,8 +67,8 @@ from idgate.store.base import REVOCATION_KINDS, RevocationKind, StoreUnavailable
 from idgate.sts.errors import InvalidRequest, OAuthError, TemporarilyUnavailable
 from idgate.sts.exchange import parse_scope
 from idgate.sts.lifecycle_settings import BackchannelLogoutSettings, IntrospectionSettings, SsfSettings
-from idgate.sts.revocation import ANY_ISSUER, GATEWAY_ISSUER_NAME, Liveness
-from idgate.sts.tasks import Tasks, caller_label
+from idgate.sts.revocation import ANY_ISSUER, GATEWAY_ISSUER_NAME, HOLD_KINDS, Liveness
+from idgate.sts.tasks import Allowed, Tasks, caller_label, owner_actors
 
 if TYPE_CHECKING:
     from idgate.config import Config
@@ -85,6 +88,8 @@ NO_STORE = ((b"cache-control", b"no-store"), (b"pragma", b"no-cache"))
 MAX_FORM_BYTES = 64 * 1024
 MAX_JSON_BYTES = 16 * 1024
 MAX_VALUE = 256  # longest id, subject, tenant, reason, purpose accepted
+# JWS header parameters a signed event may not carry: a key of its own, or extensions we would have to understand.
+_REFUSED_HEADERS = ("jwk", "jku", "x5u", "x5c", "crit")
 _ADMIN_KINDS = ("subject", "agent", "tenant", "token", "task", "session")
 
 
@@ -189,8 +194,9 @@ class Lifecycle:
         self._authenticator = authenticator
         self.liveness = liveness
         self.tasks = tasks
-        self._introspect_subjects = frozenset(introspection.allowed_subjects)
-        self._introspect_groups = frozenset(introspection.allowed_groups)
+        self._introspectors = Allowed(
+            introspection.allowed_subjects, introspection.allowed_groups, issuer_names(issuers), "introspection"
+        )
         by_name = {i.name: i for i in issuers if isinstance(i, OidcIssuer)}
         unknown = [name for name in logout.issuers if name not in by_name]
         if unknown:
@@ -200,6 +206,20 @@ class Lifecycle:
         self._logout_audiences = frozenset(logout.audiences or audiences)
         self._ssf = ssf
         self._transmitters: dict[str, tuple[KeySet, str]] = {}
+        names = issuer_names(issuers)
+        # How each issuer's principals are identified: the claim their id comes from (`claims.subject`).
+        self._subject_claims = {
+            url: issuer.claims.subject if isinstance(issuer, OidcIssuer) else "sub"
+            for issuer in issuers
+            if (url := names.get(issuer.name)) is not None
+        }
+        # The issuers each transmitter speaks for: its events end their subjects and sessions only.
+        self._spoken_for: dict[str, tuple[str, ...]] = {}
+        for transmitter in ssf.transmitters:
+            unknown_names = [name for name in transmitter.issuers if name not in names]
+            if unknown_names:
+                raise ValueError(f"ssf.transmitters[].issuers: `{unknown_names[0]}` is not a configured issuer")
+            self._spoken_for[transmitter.issuer] = tuple(names[name] for name in transmitter.issuers)
         for transmitter in ssf.transmitters:
             if transmitter.jwks_file is not None:
                 loader = file_loader(transmitter.jwks_file)
@@ -323,7 +343,7 @@ class Lifecycle:
             "purpose": task.purpose,
             "scope": None if task.scope is None else " ".join(task.scope),
             "subject": {"id": task.subject, "issuer": task.subject_issuer},
-            "actors": list(task.owner_actors),
+            "actors": [actor for _, actor in owner_actors(task)],
             "tenant": task.tenant,
             "created_at": task.created_at,
             "expires_at": task.expires_at,
@@ -373,9 +393,7 @@ class Lifecycle:
         except IdgateError as error:
             await self._oauth_error(send, TemporarilyUnavailable(error.message), request.id)
             return
-        if asker.subject.id not in self._introspect_subjects and self._introspect_groups.isdisjoint(
-            asker.subject.groups
-        ):
+        if not self._introspectors.admits(asker.subject):
             message = "this caller may not introspect tokens (config `introspection`)"
             await self._bearer_error(send, 403, "insufficient_scope", message, request.id)
             return
@@ -443,6 +461,12 @@ class Lifecycle:
                     )
                 else:
                     assert isinstance(sub, str)
+                    if issuer.claims.subject != "sub":
+                        # Its principals' ids come from another claim: a `sub` names none of them.
+                        raise InvalidRequest(
+                            f"issuer `{issuer.name}` identifies subjects by `{issuer.claims.subject}`, not `sub`: "
+                            "a logout token for it must name the session (`sid`)"
+                        )
                     entry = await self.liveness.revoke(
                         "subject", sub, issuer=issuer.issuer, until=until, reason="back-channel logout", by=issuer.name
                     )
@@ -468,7 +492,7 @@ class Lifecycle:
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or alg not in issuer.algorithms or alg.startswith("HS"):
             raise InvalidRequest("`logout_token` algorithm is not accepted")
-        if any(h in header for h in ("jwk", "jku", "x5u", "x5c", "crit")):
+        if any(h in header for h in _REFUSED_HEADERS):
             raise InvalidRequest("`logout_token` header carries parameters this gateway does not accept")
         if header.get("typ") not in (None, "JWT", "logout+jwt"):
             raise InvalidRequest("`logout_token` `typ` must be `logout+jwt`")
@@ -552,7 +576,7 @@ class Lifecycle:
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or alg.lower() == "none" or alg.startswith("HS"):
             raise _SetError("invalid_key", "the event must be signed with an asymmetric algorithm")
-        if any(h in header for h in ("jwk", "jku", "x5u", "x5c", "crit")):
+        if any(h in header for h in _REFUSED_HEADERS):
             raise _SetError("invalid_request", "the event header carries parameters this receiver does not accept")
         if header.get("typ") not in (None, "secevent+jwt", "application/secevent+jwt"):
             raise _SetError("invalid_request", "the event `typ` must be `secevent+jwt`")
@@ -588,29 +612,40 @@ class Lifecycle:
         if not isinstance(event, dict):
             raise _SetError("invalid_request", "the `session-revoked` event must be an object")
         subject = event.get("subject", claims.get("sub_id"))
-        target = self._caep_target(subject)
+        targets = self._caep_targets(subject, self._spoken_for.get(issuer, ()))
         now = self._clock()
         try:
             jti_until = now + self._ssf.max_age_seconds + 2 * self._skew
             if not await self._once("ssf", f"{issuer} {claims['jti']}", jti_until):
                 return  # a duplicate delivery: already acted on
-            kind, value, subject_issuer = target
-            entry = await self.liveness.revoke(
-                kind,
-                value,
-                issuer=subject_issuer,
-                until=now + self._retention,
-                reason="CAEP session-revoked",
-                by=issuer,
-            )
+            entries = [
+                await self.liveness.revoke(
+                    kind,
+                    value,
+                    issuer=subject_issuer,
+                    until=now + self._retention,
+                    reason="CAEP session-revoked",
+                    by=issuer,
+                )
+                for kind, value, subject_issuer in targets
+            ]
         except StoreUnavailable:
             raise TemporarilyUnavailable("the event cannot be recorded right now; try again") from None
-        details = {"kind": kind, "issuer": subject_issuer, "seq": entry.seq, "via": "ssf", "transmitter": issuer}
-        self._audit(action_record(request_id, None, None, "revocation", value, "ok", details))
+        for entry in entries:
+            details = {
+                "kind": entry.kind,
+                "issuer": entry.issuer,
+                "seq": entry.seq,
+                "via": "ssf",
+                "transmitter": issuer,
+            }
+            self._audit(action_record(request_id, None, None, "revocation", entry.value, "ok", details))
 
-    @staticmethod
-    def _caep_target(subject: Any) -> tuple[RevocationKind, str, str]:
-        """What a CAEP subject identifier (RFC 9493, SSF `complex`) revokes: a session, or a subject's tokens."""
+    def _caep_targets(self, subject: Any, issuers: tuple[str, ...]) -> list[tuple[RevocationKind, str, str]]:
+        """What a CAEP subject identifier (RFC 9493, SSF `complex`) revokes: a session, or a subject's tokens,
+        at the issuers the transmitter speaks for (`issuers`) and as each identifies its subjects:
+        `iss_sub` at that issuer if it is one of them and its ids are the `sub`; `email` at those whose ids
+        are the `email` claim (compared without regard to case); `opaque` the id at each of them."""
 
         def refused(message: str) -> _SetError:
             return _SetError("invalid_request", message)
@@ -620,26 +655,41 @@ class Lifecycle:
                 raise refused(f"the event subject's `{what}` must be a non-empty string")
             return value
 
+        def spoken_for(iss: str) -> str:
+            if iss not in issuers:
+                raise refused("the event names an issuer this transmitter does not speak for")
+            return iss
+
+        def by_claim(claim: str, value: str) -> list[tuple[RevocationKind, str, str]]:
+            found = [url for url in issuers if self._subject_claims.get(url) == claim]
+            if not found:
+                raise refused(f"no issuer of this transmitter identifies its subjects by `{claim}`")
+            return [("subject", value, url) for url in found]
+
         if not isinstance(subject, dict):
             raise refused("the `session-revoked` event names no subject (`subject` or `sub_id`)")
         form = subject.get("format")
         if form == "complex":
             session = subject.get("session")
             user = subject.get("user")
-            user_issuer = ANY_ISSUER
-            if isinstance(user, dict) and user.get("format") == "iss_sub":
-                user_issuer = text(user.get("iss"), "user.iss")
             if isinstance(session, dict) and session.get("format") == "opaque":
-                return "session", text(session.get("id"), "session.id"), user_issuer
+                sid = text(session.get("id"), "session.id")
+                if isinstance(user, dict) and user.get("format") == "iss_sub":
+                    return [("session", sid, spoken_for(text(user.get("iss"), "user.iss")))]
+                return [("session", sid, url) for url in issuers]
             if isinstance(user, dict):
-                return Lifecycle._caep_target(user)
+                return self._caep_targets(user, issuers)
             raise refused("a `complex` subject needs `session` (opaque) or `user`")
         if form == "iss_sub":
-            return "subject", text(subject.get("sub"), "sub"), text(subject.get("iss"), "iss")
+            iss = spoken_for(text(subject.get("iss"), "iss"))
+            if self._subject_claims.get(iss) != "sub":
+                raise refused("that issuer identifies its subjects by another claim than `sub`: send that identifier")
+            return [("subject", text(subject.get("sub"), "sub"), iss)]
         if form == "email":
-            return "subject", text(subject.get("email"), "email").lower(), ANY_ISSUER
+            return by_claim("email", text(subject.get("email"), "email"))
         if form == "opaque":
-            return "subject", text(subject.get("id"), "id"), ANY_ISSUER
+            value = text(subject.get("id"), "id")
+            return [("subject", value, url) for url in issuers]
         raise refused(f"subject format `{shown(form, 40)}` is not supported (iss_sub, email, opaque, complex)")
 
     # -- the kill switch -------------------------------------------------------------------------
@@ -651,9 +701,11 @@ class Lifecycle:
                 raise Forbidden("only administrators may revoke (config `admin`)")
             body = await request.json_object(MAX_JSON_BYTES)
             kinds = [k for k in _ADMIN_KINDS if k in body]
-            unknown = sorted(set(body) - {*_ADMIN_KINDS, "reason", "issuer"})
+            unknown = sorted(set(body) - {*_ADMIN_KINDS, "reason", "issuer", "lift"})
             if unknown or len(kinds) != 1:
-                raise BadRequest(f"give exactly one of {', '.join(_ADMIN_KINDS)}, and a `reason` (`issuer` optional)")
+                raise BadRequest(
+                    f"give exactly one of {', '.join(_ADMIN_KINDS)}, and a `reason` (`issuer` and `lift` optional)"
+                )
             kind = kinds[0]
             assert kind in REVOCATION_KINDS
             value = _text(body, kind, required=True)
@@ -662,7 +714,15 @@ class Lifecycle:
             assert value is not None and reason is not None
             if issuer is not None and kind not in ("subject", "session"):
                 raise BadRequest("`issuer` qualifies only a `subject` or a `session`")
-            answer = await self._admin_revoke(request.id, caller, kind, value, issuer, reason)
+            lift = body.get("lift", False)
+            if not isinstance(lift, bool):
+                raise BadRequest("`lift` must be true or false")
+            if lift and kind not in HOLD_KINDS:
+                raise BadRequest("`lift` ends the kill switch on a `subject`, an `agent` or a `tenant` only")
+            if lift:
+                answer = await self._admin_lift(request.id, caller, kind, value, issuer, reason)
+            else:
+                answer = await self._admin_revoke(request.id, caller, kind, value, issuer, reason)
         except IdgateError as error:
             await send_error(send, error, request.id)
             return
@@ -682,20 +742,42 @@ class Lifecycle:
                 self._audit(action_record(request_id, None, caller, "task_completed", value, "ok", {"reason": reason}))
                 return {"revoked": {"kind": "task", "value": value, "status": self.tasks.status(task)}}
             scoped = (issuer or ANY_ISSUER) if kind in ("subject", "session") else None
-            entry = await self.liveness.revoke(
-                kind,  # type: ignore[arg-type]
-                value,
-                issuer=scoped,
-                until=now + self._retention,
-                reason=reason,
-                by=by,
-            )
+            held = kind in HOLD_KINDS
+            if held:  # a hold: until lifted, whatever a token's `iat`, and no new token either
+                entry = await self.liveness.hold(kind, value, issuer=scoped, reason=reason, by=by)  # type: ignore[arg-type]
+            else:
+                entry = await self.liveness.revoke(
+                    kind,  # type: ignore[arg-type]
+                    value,
+                    issuer=scoped,
+                    until=now + self._retention,
+                    reason=reason,
+                    by=by,
+                )
         except StoreUnavailable:
             raise ServiceUnavailable("nothing was revoked: the state store is unavailable; try again") from None
-        details = {"kind": kind, "issuer": scoped, "seq": entry.seq, "reason": reason, "via": "admin"}
+        details = {"kind": kind, "issuer": scoped, "seq": entry.seq, "reason": reason, "via": "admin", "hold": held}
         self._audit(action_record(request_id, None, caller, "revocation", value, "ok", details))
         log.warning("kill switch: %s `%s` revoked by %s: %s", kind, shown(value), by, shown(reason))
-        return {"revoked": {"kind": kind, "value": value, "issuer": scoped, "seq": entry.seq, "at": entry.at}}
+        revoked = {"kind": kind, "value": value, "issuer": scoped, "seq": entry.seq, "at": entry.at, "held": held}
+        return {"revoked": revoked}
+
+    async def _admin_lift(
+        self, request_id: str, caller: Caller, kind: str, value: str, issuer: str | None, reason: str
+    ) -> dict[str, Any]:
+        """End a kill-switch hold; recorded like the hold itself."""
+        by = caller_label(caller)
+        scoped = (issuer or ANY_ISSUER) if kind == "subject" else None
+        was_held = self.liveness.holds(kind, value, scoped)
+        try:
+            entry = await self.liveness.lift(kind, value, issuer=scoped, reason=reason, by=by)  # type: ignore[arg-type]
+        except StoreUnavailable:
+            raise ServiceUnavailable("nothing was lifted: the state store is unavailable; try again") from None
+        details = {"kind": kind, "issuer": scoped, "seq": entry.seq, "reason": reason, "via": "admin", "lift": True}
+        self._audit(action_record(request_id, None, caller, "revocation", value, "lifted", details))
+        log.warning("kill switch: %s `%s` lifted by %s: %s", kind, shown(value), by, shown(reason))
+        lifted = {"kind": kind, "value": value, "issuer": scoped, "seq": entry.seq, "at": entry.at}
+        return {"lifted": {**lifted, "was_held": was_held}}
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -721,6 +803,17 @@ class Lifecycle:
         await send_bytes(send, status, orjson.dumps(payload), request_id, extra=extra)
 
 
+def issuer_names(issuers: Sequence[TokenIssuer]) -> dict[str, str]:
+    """Each trusted issuer's configured name, and the issuer its principals carry (`Principal.issuer`)."""
+    names: dict[str, str] = {}
+    for issuer in issuers:
+        if isinstance(issuer, OidcIssuer):
+            names[issuer.name] = issuer.issuer
+        elif isinstance(issuer, SpiffeIssuer):
+            names[issuer.name] = f"spiffe://{issuer.trust_domain}"
+    return names
+
+
 def build_lifecycle(
     config: Config,
     *,
@@ -733,11 +826,17 @@ def build_lifecycle(
     """The state store, the liveness view over it, tasks, and their endpoints, from the config."""
     store = open_state_store(config)
     settings = config.liveness
+    # Issuers whose subject ids are email addresses: their revocations are compared without regard to case.
+    emails = frozenset(i.issuer for i in issuers if isinstance(i, OidcIssuer) and i.claims.subject == "email")
     liveness = Liveness(
-        store, poll_interval=settings.poll_interval_seconds, max_staleness=settings.max_staleness_seconds
+        store,
+        poll_interval=settings.poll_interval_seconds,
+        max_staleness=settings.max_staleness_seconds,
+        casefold_issuers=emails,
     )
-    tasks = Tasks(store, liveness, config.tasks, config.admin, retention_seconds=settings.retention_seconds)
     try:
+        admins = Allowed(config.admin.subjects, config.admin.groups, issuer_names(issuers), "admin")
+        tasks = Tasks(store, liveness, config.tasks, admins, retention_seconds=settings.retention_seconds)
         return Lifecycle(
             gate=gate,
             authenticator=authenticator,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "AdminSettings",
@@ -24,6 +24,19 @@ __all__ = [
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _qualified(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Each entry `ISSUER:VALUE`: the name of a configured issuer (or `idgate`, `dev`), then a subject id or
+    a group. A subject id alone is refused: the same id from another trusted issuer is someone else."""
+    for value in values:
+        name, sep, rest = value.partition(":")
+        if not sep or not name or not rest or not all(c.isalnum() or c in "_.-" for c in name):
+            raise ValueError(
+                f"`{value[:80]}` must be `ISSUER:VALUE`: the name of a configured issuer, `:`, then the subject "
+                "id or group (e.g. `corp:alice`)"
+            )
+    return values
 
 
 class LivenessSettings(_Frozen):
@@ -53,17 +66,30 @@ class TasksSettings(_Frozen):
 
 
 class AdminSettings(_Frozen):
-    """Administrators: may complete any task and use the kill switch (`POST /admin/revoke`)."""
+    """Administrators: may complete any task and use the kill switch (`POST /admin/revoke`).
 
-    subjects: tuple[str, ...] = Field((), description="subject ids of administrators")
-    groups: tuple[str, ...] = Field((), description="members of these groups are administrators")
+    Issuer-qualified (`ISSUER:SUBJECT`, `ISSUER:GROUP`): an id or a group name means something only
+    at the issuer that vouches for it."""
+
+    subjects: tuple[str, ...] = Field((), description="administrators, each `ISSUER:SUBJECT` (issuer by name)")
+    groups: tuple[str, ...] = Field(
+        (), description="members of these groups are administrators, each `ISSUER:GROUP` (issuer by name)"
+    )
+
+    _qualified = field_validator("subjects", "groups")(_qualified)
 
 
 class IntrospectionSettings(_Frozen):
     """Resource servers that may ask `POST /oauth2/introspect` (RFC 7662), by their bearer token."""
 
-    allowed_subjects: tuple[str, ...] = Field((), description="subject ids that may introspect")
-    allowed_groups: tuple[str, ...] = Field(("introspection",), description="members of these groups may introspect")
+    allowed_subjects: tuple[str, ...] = Field(
+        (), description="subjects that may introspect, each `ISSUER:SUBJECT` (issuer by name)"
+    )
+    allowed_groups: tuple[str, ...] = Field(
+        (), description="members of these groups may introspect, each `ISSUER:GROUP` (issuer by name)"
+    )
+
+    _qualified = field_validator("allowed_subjects", "allowed_groups")(_qualified)
 
 
 class BackchannelLogoutSettings(_Frozen):
@@ -85,6 +111,10 @@ class SsfTransmitter(_Frozen):
     jwks_file: Path | None = None
     jwks_uri: str | None = None
     audience: str = Field(description="the `aud` its events carry for this gateway")
+    issuers: tuple[str, ...] = Field(
+        min_length=1,
+        description="names of configured `issuers` whose subjects and sessions its events may end (no other's)",
+    )
 
     @model_validator(mode="after")
     def _keys(self) -> SsfTransmitter:

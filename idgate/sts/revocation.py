@@ -4,9 +4,19 @@ A token stays valid until `exp` by its signature alone; what can end it sooner
 is in the state store's revocation log (`idgate.store`): the token itself (its
 `jti`), a token it was exchanged from (its `parents`), its task (completed), its
 login session (issuer + `sid`), its subject, an agent in its actor chain, or its
-tenant. Subject, agent and tenant entries end every token *issued* (`iat`) up to
-the moment of revocation, so a fresh login afterwards works again; a token with
-no `iat` is taken as issued before any such entry (fail closed).
+tenant. A subject entry of a session-end signal (back-channel logout, CAEP) ends
+every token *issued* (`iat`) up to the moment of revocation, so a fresh login
+afterwards works again; a token with no `iat` is taken as issued before any such
+entry (fail closed).
+
+The administrators' kill switch on a subject, an agent or a tenant is a *hold*
+instead: while it stands, every token naming it is dead whatever its `iat`, and
+since every grant of the token service checks the presented credentials here
+(subject and actor tokens, JWT bearer assertions, client assertions), none is
+issued either: an agent cannot re-authenticate its way out. A hold stands until an
+administrator lifts it. In the log, a hold is an entry whose `until` is `HELD` and
+a lift one whose `until` is `LIFTED` (both far in the future: neither is ever
+forgotten, so a worker reading the log from the start replays both, by `seq`).
 
 Each worker keeps the log in memory (sets and dicts: O(1) per call, no I/O on
 the request path) and a background task reads what changed since the last
@@ -39,7 +49,7 @@ from idgate.identity.principal import Caller
 from idgate.proxy.http import Request
 from idgate.store.base import Revocation, RevocationKind, StateStore, StoreUnavailable
 
-__all__ = ["ANY_ISSUER", "Liveness"]
+__all__ = ["ANY_ISSUER", "HELD", "HOLD_KINDS", "LIFTED", "Liveness"]
 
 log = logging.getLogger("idgate.sts")
 
@@ -48,6 +58,10 @@ _PRUNE_EVERY = 60.0
 _PAGE = 5000  # log entries read per query
 _CATCH_UP_SECONDS = 0.25  # how long a call with a stale view waits for a fresh read before it is refused
 ANY_ISSUER = "*"  # a session or subject entry that applies whichever issuer vouched for it
+# The `until` of a kill-switch hold, and of its lift (9999-12-31): never forgotten, told apart exactly.
+HELD = 253_402_300_799.0
+LIFTED = 253_402_300_798.0
+HOLD_KINDS = ("subject", "agent", "tenant")
 
 
 class Liveness:
@@ -61,8 +75,12 @@ class Liveness:
         max_staleness: float = 1.0,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        casefold_issuers: frozenset[str] = frozenset(),
     ) -> None:
+        """`casefold_issuers`: issuers whose subject ids are email addresses (`claims.subject: email`):
+        their subject entries and ids are compared without regard to case."""
         self.store = store
+        self._casefold = casefold_issuers
         self._interval = poll_interval
         self._max_staleness = max_staleness
         self._clock = clock
@@ -83,6 +101,9 @@ class Liveness:
         self._subjects: dict[tuple[str, str], tuple[float, float]] = {}
         self._agents: dict[str, tuple[float, float]] = {}
         self._tenants: dict[str, tuple[float, float]] = {}
+        # Kill-switch holds by (kind, issuer or "", value): the latest entry's seq and whether it holds.
+        self._hold_seq: dict[tuple[str, str, str], tuple[int, bool]] = {}
+        self._held: set[tuple[str, str, str]] = set()
 
     # -- the background refresh --------------------------------------------------------------------
 
@@ -140,9 +161,26 @@ class Liveness:
         return True
 
     def apply(self, entry: Revocation) -> None:
-        """Take one log entry into the view (idempotent; entries may arrive twice)."""
+        """Take one log entry read from the store into the view (idempotent; entries may arrive twice)."""
         self._seq = max(self._seq, entry.seq)
+        self._take(entry)
+
+    def _take(self, entry: Revocation) -> None:
         kind, value, issuer = entry.kind, entry.value, entry.issuer or ""
+        if kind == "subject" and issuer in self._casefold:
+            value = value.lower()  # an email address: compared without regard to case
+        if kind in HOLD_KINDS and entry.until in (HELD, LIFTED):
+            # A hold or its lift: the latest by `seq` decides, in whatever order they arrive.
+            hold_key = (kind, issuer, value)
+            seen = self._hold_seq.get(hold_key)
+            if seen is None or entry.seq > seen[0]:
+                holds = entry.until == HELD
+                self._hold_seq[hold_key] = (entry.seq, holds)
+                if holds:
+                    self._held.add(hold_key)
+                else:
+                    self._held.discard(hold_key)
+            return
         if kind == "token":
             self._tokens[value] = max(entry.until, self._tokens.get(value, 0.0))
         elif kind == "task":
@@ -183,8 +221,26 @@ class Liveness:
         entry = await asyncio.to_thread(
             self.store.revoke, kind, value, issuer=issuer, at=self._clock(), until=until, reason=reason, by=by
         )
-        self.apply(entry)
+        # Applied here at once, but `seq` is not advanced: entries other workers wrote just before
+        # this one may not have been read yet, and the next poll must still read them.
+        self._take(entry)
         return entry
+
+    async def hold(self, kind: RevocationKind, value: str, *, issuer: str | None, reason: str, by: str) -> Revocation:
+        """The kill switch: every token naming this subject, agent or tenant is dead until `lift`."""
+        if kind not in HOLD_KINDS:
+            raise ValueError(f"only a subject, an agent or a tenant can be held, not a {kind}")
+        return await self.revoke(kind, value, issuer=issuer, until=HELD, reason=reason, by=by)
+
+    async def lift(self, kind: RevocationKind, value: str, *, issuer: str | None, reason: str, by: str) -> Revocation:
+        """End a hold (`hold`); tokens revoked otherwise stay revoked."""
+        if kind not in HOLD_KINDS:
+            raise ValueError(f"only a hold on a subject, an agent or a tenant can be lifted, not on a {kind}")
+        return await self.revoke(kind, value, issuer=issuer, until=LIFTED, reason=reason, by=by)
+
+    def holds(self, kind: str, value: str, issuer: str | None = None) -> bool:
+        """Whether a hold on exactly this subject (and issuer), agent or tenant stands in this view."""
+        return (kind, issuer or "", value) in self._held
 
     def task_ended(self, task_id: str, until: float) -> None:
         """A task completed in this process: its tokens are dead here at once (the log entry follows by poll)."""
@@ -237,13 +293,21 @@ class Liveness:
             (subject.issuer, credential.session) in sessions or (ANY_ISSUER, credential.session) in sessions
         ):
             return "its session has ended"
+        held = self._held
+        if held:
+            reason = self._held_reason(caller)
+            if reason is not None:
+                return reason
         issued = credential.issued_at
         subjects = self._subjects
-        if subjects and (
-            _before(subjects.get((subject.issuer, subject.id)), issued)
-            or _before(subjects.get((ANY_ISSUER, subject.id)), issued)
-        ):
-            return "its subject's tokens were revoked"
+        if subjects:
+            folded = self._subject_id(caller)
+            if (
+                _before(subjects.get((subject.issuer, folded)), issued)
+                or _before(subjects.get((ANY_ISSUER, subject.id)), issued)
+                or _before(subjects.get((ANY_ISSUER, folded)), issued)
+            ):
+                return "its subject's tokens were revoked"
         if self._agents:
             if _before(self._agents.get(subject.id), issued):
                 return "this agent's tokens were revoked"
@@ -252,6 +316,29 @@ class Liveness:
                     return "an agent acting in it was revoked"
         if subject.tenant is not None and _before(self._tenants.get(subject.tenant), issued):
             return "its tenant's tokens were revoked"
+        return None
+
+    def _subject_id(self, caller: Caller) -> str:
+        """The subject's id as its entries are keyed: lower case where ids are email addresses."""
+        subject = caller.subject
+        return subject.id.lower() if subject.issuer in self._casefold else subject.id
+
+    def _held_reason(self, caller: Caller) -> str | None:
+        held, subject = self._held, caller.subject
+        folded = self._subject_id(caller)
+        if (
+            ("subject", subject.issuer, folded) in held
+            or ("subject", ANY_ISSUER, subject.id) in held
+            or ("subject", ANY_ISSUER, folded) in held
+        ):
+            return "its subject is blocked by an administrator"
+        if ("agent", "", subject.id) in held:
+            return "this agent is blocked by an administrator"
+        for actor in caller.actors:
+            if ("agent", "", actor.id) in held:
+                return "an agent acting in it is blocked by an administrator"
+        if subject.tenant is not None and ("tenant", "", subject.tenant) in held:
+            return "its tenant is blocked by an administrator"
         return None
 
     @property
@@ -267,6 +354,7 @@ class Liveness:
             "subjects": len(self._subjects),
             "agents": len(self._agents),
             "tenants": len(self._tenants),
+            "held": len(self._held),
         }
 
 

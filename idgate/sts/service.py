@@ -12,7 +12,7 @@ Hence::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ class Sts:
     issuer: OidcIssuer
     default_audience: str
     clock: Callable[[], float] = time.time
+    audiences: tuple[str, ...] = ()  # the gateway's accepted audiences (its MCP resources among them)
 
     def routes(
         self,
@@ -89,6 +90,7 @@ class Sts:
         liveness: Liveness | None = None,
         tasks: Tasks | None = None,
         metadata: dict[str, Any] | None = None,
+        commit: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ) -> dict[str, dict[str, Handler]]:
         """The OAuth endpoints; `record` takes each exchange's audit record (e.g. `AuditWriter.emit`).
 
@@ -106,6 +108,7 @@ class Sts:
             clock=self.clock,
             liveness=liveness,  # revoked subject/actor tokens are not exchanged
             tasks=tasks,  # the `task` parameter (idgate.sts.tasks)
+            gateway_audiences=self.audiences,
         )
         issuer = self.issuer.issuer
         clients = ClientAuthenticator(
@@ -118,6 +121,7 @@ class Sts:
             max_lifetime=self.settings.client_assertion_max_lifetime_seconds,
             clock_skew=clock_skew,
             clock=self.clock,
+            liveness=liveness,  # a revoked client (kill switch) gets no token
         )
         client_credentials = ClientCredentials(
             authorizer,
@@ -126,6 +130,7 @@ class Sts:
             public_url=issuer,
             ttl_seconds=self.settings.token_ttl_seconds,
             clock=self.clock,
+            gateway_audiences=self.audiences,
         )
         endpoints = OAuthEndpoints(
             exchange,
@@ -138,6 +143,8 @@ class Sts:
             peer_thumbprint=peer_thumbprint,
             bind_certificates=self.settings.certificate_bound_tokens,
             metadata=metadata,
+            commit=commit,  # an issued token's record is committed before the token is sent
+            liveness=liveness,  # nobody revoked or held by the kill switch gets a token, whatever the grant
         )
         return endpoints.routes()
 
@@ -147,4 +154,4 @@ def build_sts(settings: StsSettings, server: ServerConfig, home: Path, keys: Sig
     keys = keys or SigningKeys.open(home, settings.algorithm)
     audiences = server.accepted_audiences
     issuer = gateway_issuer(keys, server.url, audiences)
-    return Sts(settings, keys, issuer, settings.default_audience or audiences[0])
+    return Sts(settings, keys, issuer, settings.default_audience or audiences[0], audiences=audiences)

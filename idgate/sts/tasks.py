@@ -12,6 +12,11 @@ bound to it, and every token exchanged from those, is refused
 
 Who may see a task (`GET /tasks/{id}`) is who may complete it; anyone else gets
 404, as if it did not exist.
+
+Every such check compares identities as (issuer, id): the task's subject, the
+agents that started it (each stored with the issuer that vouched for it), and the
+administrators, configured issuer-qualified (`Allowed`). An id alone means
+nothing: another trusted issuer may have a subject of the same name.
 """
 
 from __future__ import annotations
@@ -19,14 +24,56 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from idgate.identity.principal import Caller
+import orjson
+
+from idgate.identity.principal import Caller, Principal
 from idgate.store.base import StateStore, Task
-from idgate.sts.lifecycle_settings import AdminSettings, TasksSettings
+from idgate.sts.lifecycle_settings import TasksSettings
 from idgate.sts.revocation import Liveness
 
-__all__ = ["Tasks", "caller_label"]
+__all__ = ["Allowed", "Tasks", "caller_label", "owner_actors"]
+
+
+class Allowed:
+    """A list of subjects and groups, each issuer-qualified (`ISSUER_NAME:VALUE`), and who is on it."""
+
+    def __init__(
+        self, subjects: tuple[str, ...], groups: tuple[str, ...], issuers: Mapping[str, str], what: str = "list"
+    ) -> None:
+        """`issuers`: each trusted issuer's name, and the issuer its principals carry (`Principal.issuer`).
+        Raises `ValueError` for an entry naming no such issuer (`what`: the config key, for the message)."""
+        self._subjects = frozenset(_resolve(subjects, issuers, f"{what}.subjects"))
+        self._groups = frozenset(_resolve(groups, issuers, f"{what}.groups"))
+
+    def admits(self, principal: Principal) -> bool:
+        if (principal.issuer, principal.id) in self._subjects:
+            return True
+        return bool(self._groups) and any((principal.issuer, group) in self._groups for group in principal.groups)
+
+
+def _resolve(entries: tuple[str, ...], issuers: Mapping[str, str], what: str) -> list[tuple[str, str]]:
+    resolved = []
+    for entry in entries:
+        name, _, value = entry.partition(":")
+        if name not in issuers:
+            known = ", ".join(sorted(issuers)) or "none"
+            raise ValueError(f"{what}: `{entry[:80]}` names issuer `{name}`, which is not configured ({known})")
+        resolved.append((issuers[name], value))
+    return resolved
+
+
+def owner_actors(task: Task) -> list[tuple[str | None, str]]:
+    """The agents that started `task`, as (issuer, id); an entry of an older version has no issuer."""
+    actors: list[tuple[str | None, str]] = []
+    for entry in task.owner_actors:
+        value = orjson.loads(entry) if entry.startswith("[") else None
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+            actors.append((value[0], value[1]))
+        else:
+            actors.append((None, entry))
+    return actors
 
 
 def caller_label(caller: Caller) -> str:
@@ -45,7 +92,7 @@ class Tasks:
         store: StateStore,
         liveness: Liveness,
         settings: TasksSettings,
-        admin: AdminSettings,
+        admins: Allowed,
         *,
         retention_seconds: float,
         clock: Callable[[], float] = time.time,
@@ -53,8 +100,7 @@ class Tasks:
         self.store = store
         self.liveness = liveness
         self.settings = settings
-        self._admin_subjects = frozenset(admin.subjects)
-        self._admin_groups = frozenset(admin.groups)
+        self._admins = admins
         self._retention = retention_seconds
         self._clock = clock
 
@@ -62,8 +108,7 @@ class Tasks:
         # An administrator acts in person: a token used by an agent for an administrator is not one.
         if caller.actors:
             return False
-        subject = caller.subject
-        return subject.id in self._admin_subjects or not self._admin_groups.isdisjoint(subject.groups)
+        return self._admins.admits(caller.subject)
 
     def lifetime(self, asked: int | None) -> int:
         lifetime = self.settings.default_lifetime_seconds if asked is None else asked
@@ -75,7 +120,8 @@ class Tasks:
             id="task_" + secrets.token_urlsafe(18),
             subject=caller.subject.id,
             subject_issuer=caller.subject.issuer,
-            owner_actors=tuple(a.id for a in caller.actors),
+            # Each agent with its issuer (an `act` entry without `iss` is of the token's issuer).
+            owner_actors=tuple(orjson.dumps([a.issuer or caller.subject.issuer, a.id]).decode() for a in caller.actors),
             tenant=caller.subject.tenant,
             purpose=purpose,
             scope=scope,
@@ -95,7 +141,9 @@ class Tasks:
         subject = caller.subject
         if subject.id == task.subject and subject.issuer == task.subject_issuer:
             return True
-        return bool(task.owner_actors) and subject.id in task.owner_actors and subject.tenant == task.tenant
+        if subject.tenant != task.tenant:
+            return False
+        return (subject.issuer, subject.id) in owner_actors(task)
 
     def may_bind(self, caller: Caller, task: Task) -> bool:
         """Whether a token of `caller` (the exchange's subject) may be bound to `task`: it must act for its subject."""

@@ -17,6 +17,18 @@ from tests.support import Gateway, RawResponse, TestIssuer, Upstream, raw_reques
 ADMIN = "root"  # an administrator (config `admin.subjects`)
 RESOURCE_SERVER = "rs-billing"  # may introspect (config `introspection.allowed_subjects`)
 
+HUMAN_SCOPE = "chat models:read tools:billing"
+
+
+def human(issuer: TestIssuer, sub: str = "alice", **claims: Any) -> str:
+    """A person's login token from the test issuer."""
+    return issuer.mint({"sub": sub, "kind": "human", "scope": HUMAN_SCOPE, **claims})
+
+
+def agent(issuer: TestIssuer, sub: str = "agent-7", **claims: Any) -> str:
+    """An agent's own token from the test issuer."""
+    return issuer.mint({"sub": sub, "kind": "agent", **claims})
+
 
 def claims_of(token: str) -> dict[str, Any]:
     """A JWT's payload, unverified (the gateway verified it; the tests only read it)."""
@@ -81,8 +93,9 @@ def lifecycle_config(issuer: TestIssuer, upstream: Upstream, tmp_path: Path, **e
     entities.write_text(ENTITIES)
     config = base_config(issuer, upstream)
     config["policy"] = {"entities": [str(entities)]}
-    config["admin"] = {"subjects": [ADMIN]}
-    config["introspection"] = {"allowed_subjects": [RESOURCE_SERVER]}
+    # Issuer-qualified: `corp` is the test issuer's name in `base_config`.
+    config["admin"] = {"subjects": [f"corp:{ADMIN}"]}
+    config["introspection"] = {"allowed_subjects": [f"corp:{RESOURCE_SERVER}"]}
     config.update(extra)
     return config
 

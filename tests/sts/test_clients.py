@@ -32,7 +32,7 @@ from idgate.errors import ConfigError
 from tests.conftest import MakeGateway, base_config
 from tests.dpop_client import DPoPKey, client_assertion, svid
 from tests.sts.conftest import Reply, StsGateway
-from tests.support import TestIssuer, Upstream
+from tests.support import TestIssuer, Upstream, raw_request
 
 ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 SPIFFE_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
@@ -56,6 +56,7 @@ def ec_key() -> ECKey:
     return key
 
 
+ADMIN = "root"
 CLIENT_KEY = ec_key()
 FILE_CLIENT_KEY = ec_key()
 BUNDLE_KEY = ec_key()
@@ -88,6 +89,7 @@ def clients_gateway(make_gateway: MakeGateway, issuer: TestIssuer, upstream: Ups
             },
         ]
     }
+    config["admin"] = {"subjects": [f"corp:{ADMIN}"]}  # the kill switch (`POST /admin/revoke`)
     gateway = make_gateway(config)
     return StsGateway(gateway, None)  # type: ignore[arg-type]
 
@@ -272,6 +274,36 @@ def test_bad_jwt_svid_client_assertions_are_refused(clients_gateway: StsGateway)
     once = svid(BUNDLE_KEY, planner, url, jti="svid-1")
     assert svid_credentials(clients_gateway, once).status == 200
     assert "used before" in refused(svid_credentials(clients_gateway, once), "invalid_client", 401)
+
+
+def kill(gateway: StsGateway, issuer: TestIssuer, **target: str) -> None:
+    admin = issuer.mint({"sub": ADMIN, "kind": "human", "tenant": "ops"})
+    body = orjson.dumps({**target, "reason": "compromised"})
+    headers = {"Authorization": f"Bearer {admin}", "Content-Type": "application/json"}
+    reply = raw_request(gateway.url, "POST", "/admin/revoke", body=body, headers=headers)
+    assert reply.status == 200, reply.body
+
+
+def test_a_kill_switched_client_gets_no_token_with_an_earlier_assertion(
+    clients_gateway: StsGateway, issuer: TestIssuer
+) -> None:
+    url = clients_gateway.url
+    planner = "spiffe://example.org/agents/planner"
+    key_held = client_assertion(CLIENT_KEY, "billing-svc", url)  # made before the kill switch
+    workload = svid(BUNDLE_KEY, planner, url)
+    gateway_token = credentials(clients_gateway, client_assertion(CLIENT_KEY, "billing-svc", url)).body["access_token"]
+    human = issuer.mint({"sub": "alice", "kind": "human", "scope": "chat"})
+    kill(clients_gateway, issuer, subject="billing-svc")
+    kill(clients_gateway, issuer, agent=planner)
+    kill(clients_gateway, issuer, subject="alice")
+    assert "no longer valid" in refused(credentials(clients_gateway, key_held), "invalid_client", 401)
+    assert "no longer valid" in refused(svid_credentials(clients_gateway, workload), "invalid_client", 401)
+    # The JWT bearer grant refuses a revoked assertion too: a gateway token, or a kill-switched subject's.
+    for assertion in (gateway_token, human):
+        refused(clients_gateway.post({"grant_type": JWT_BEARER, "assertion": assertion}), "invalid_grant")
+    # Other clients are untouched.
+    other = credentials(clients_gateway, client_assertion(FILE_CLIENT_KEY, "reporter", url))
+    assert other.status == 200, other.body
 
 
 # -- the JWT bearer grant -----------------------------------------------------------------------

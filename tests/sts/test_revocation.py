@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,19 +14,8 @@ from idgate.identity.principal import Caller, Credential, Principal
 from idgate.store.sqlite import SqliteStateStore
 from idgate.sts.revocation import Liveness
 from tests.conftest import MakeGateway
-from tests.store.conftest import drop_schema, unique_schema
-from tests.sts.lifecycle_support import ADMIN, RESOURCE_SERVER, Client, claims_of, lifecycle_config, start
+from tests.sts.lifecycle_support import ADMIN, RESOURCE_SERVER, Client, agent, claims_of, human, lifecycle_config, start
 from tests.support import Gateway, LoopThread, TestIssuer, Upstream, free_port, wait_for
-
-HUMAN_SCOPE = "chat models:read"
-
-
-def human(issuer: TestIssuer, sub: str = "alice", **claims: Any) -> str:
-    return issuer.mint({"sub": sub, "kind": "human", "scope": HUMAN_SCOPE, **claims})
-
-
-def agent(issuer: TestIssuer, sub: str = "agent-7", **claims: Any) -> str:
-    return issuer.mint({"sub": sub, "kind": "agent", **claims})
 
 
 @pytest.fixture
@@ -132,12 +120,19 @@ def test_the_kill_switch_for_an_agent(served: tuple[Gateway, Client], issuer: Te
     assert client.models(innocent) == 200 and client.models(alice) == 200
     reply = client.exchange(alice, rogue)
     assert reply.status == 400 and reply.json()["error"] == "invalid_grant"
-    # A credential issued after the revocation (say, once the agent was fixed) is accepted again.
-    assert client.models(agent(issuer, "agent-7", iat=int(time.time()) + 2)) == 200
+    # The kill switch holds until an administrator lifts it: a credential issued afterwards is refused too.
+    fixed = agent(issuer, "agent-7", iat=int(time.time()) + 2)
+    assert client.models(fixed) == 401 and client.exchange(alice, fixed).status == 400
+    lift = {"agent": "agent-7", "reason": "fixed", "lift": True}
+    assert client.call("POST", "/admin/revoke", alice, json=lift).status == 403
+    reply = client.call("POST", "/admin/revoke", admin, json=lift)
+    assert reply.status == 200 and reply.json()["lifted"]["was_held"] is True, reply.body
+    assert client.models(fixed) == 200 and client.exchange(alice, fixed).status == 200
 
-    record = [r for r in gateway.raw_records() if r["kind"] == "action" and r["action"] == "revocation"][-1]
-    assert record["target"] == "agent-7" and record["subject"]["id"] == ADMIN
-    assert record["details"]["reason"] == "runaway refunds"
+    held, lifted = [r for r in gateway.raw_records() if r["kind"] == "action" and r["action"] == "revocation"][-2:]
+    assert held["target"] == "agent-7" and held["subject"]["id"] == ADMIN and held["details"]["hold"] is True
+    assert held["details"]["reason"] == "runaway refunds"
+    assert lifted["target"] == "agent-7" and lifted["outcome"] == "lifted" and lifted["details"]["reason"] == "fixed"
 
 
 def test_the_kill_switch_for_a_subject_and_a_tenant(served: tuple[Gateway, Client], issuer: TestIssuer) -> None:
@@ -231,13 +226,12 @@ class Forwarder:
 
 
 def test_the_store_going_away_refuses_calls_within_the_bound_and_coming_back_resumes(
-    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path
+    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path, pg_schema: str
 ) -> None:
     forwarder = Forwarder()
-    schema = unique_schema()
     dsn = f"host=127.0.0.1 port={forwarder.port} dbname=test user=postgres connect_timeout=1"
     try:
-        state = {"backend": "postgres", "postgres_dsn": dsn, "postgres_schema": schema}
+        state = {"backend": "postgres", "postgres_dsn": dsn, "postgres_schema": pg_schema}
         _, client = start(make_gateway, lifecycle_config(issuer, upstream, tmp_path, state=state))
         alice = human(issuer)
         assert client.models(alice) == 200
@@ -249,7 +243,6 @@ def test_the_store_going_away_refuses_calls_within_the_bound_and_coming_back_res
         wait_for(lambda: client.models(alice) == 200, timeout=5)
     finally:
         forwarder.stop()
-        drop_schema(schema)
 
 
 async def test_the_view_is_current_only_once_the_whole_log_is_read(tmp_path: Path) -> None:

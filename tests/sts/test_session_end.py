@@ -13,7 +13,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
 from tests.conftest import MakeGateway
-from tests.sts.lifecycle_support import Client, lifecycle_config, start
+from tests.sts.lifecycle_support import Client, agent, human, lifecycle_config, start
 from tests.support import Gateway, RawResponse, TestIssuer, Upstream
 
 LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
@@ -21,14 +21,6 @@ SESSION_REVOKED = "https://schemas.openid.net/secevent/caep/event-type/session-r
 CLIENT_ID = "idgate-client"  # the gateway's client id at the identity provider
 TRANSMITTER = "https://ssf.transmitter.example"
 RECEIVER = "https://idgate.example/ssf"
-
-
-def human(issuer: TestIssuer, sub: str = "alice", **claims: Any) -> str:
-    return issuer.mint({"sub": sub, "kind": "human", "scope": "chat models:read", **claims})
-
-
-def agent(issuer: TestIssuer, sub: str = "agent-7") -> str:
-    return issuer.mint({"sub": sub, "kind": "agent"})
 
 
 class Transmitter:
@@ -69,7 +61,16 @@ def served(
         upstream,
         tmp_path,
         backchannel_logout={"issuers": ["corp"], "audiences": [CLIENT_ID]},
-        ssf={"transmitters": [{"issuer": TRANSMITTER, "jwks_file": str(transmitter.jwks_file), "audience": RECEIVER}]},
+        ssf={
+            "transmitters": [
+                {
+                    "issuer": TRANSMITTER,
+                    "jwks_file": str(transmitter.jwks_file),
+                    "audience": RECEIVER,
+                    "issuers": ["corp"],  # whose subjects and sessions its events may end
+                }
+            ]
+        },
     )
     return start(make_gateway, config)
 
@@ -200,10 +201,13 @@ def test_a_caep_event_for_one_session(
     }
     assert push(client, transmitter.event(subject)).status == 202
     assert client.models(session_1) == 401 and client.models(derived) == 401 and client.models(session_2) == 200
-    # By email or an opaque id: the subject with that id, whichever issuer vouched for it.
+    # By an opaque id: the subject with that id at the issuers the transmitter speaks for.
     bob = human(issuer, "bob@example.com")
-    assert push(client, transmitter.event({"format": "email", "email": "Bob@Example.com"})).status == 202
+    assert push(client, transmitter.event({"format": "opaque", "id": "bob@example.com"})).status == 202
     assert client.models(bob) == 401
+    # By email: only where an issuer's subject ids are email addresses, which `corp`'s are not.
+    refused = push(client, transmitter.event({"format": "email", "email": "carol@example.com"}))
+    assert refused.status == 400 and "by `email`" in refused.json()["description"]
 
 
 def test_caep_events_are_checked_per_rfc_8935(

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
 
 from tests.conftest import MakeGateway
-from tests.sts.lifecycle_support import ADMIN, Client, claims_of, lifecycle_config, start
+from tests.sts.lifecycle_support import ADMIN, Client, agent, claims_of, human, lifecycle_config, start
 from tests.support import Gateway, TestIssuer, Upstream, wait_for
-
-HUMAN_SCOPE = "chat models:read tools:billing"
-
-
-def human(issuer: TestIssuer, sub: str = "alice", **claims: Any) -> str:
-    return issuer.mint({"sub": sub, "kind": "human", "scope": HUMAN_SCOPE, **claims})
-
-
-def agent(issuer: TestIssuer, sub: str = "agent-7", **claims: Any) -> str:
-    return issuer.mint({"sub": sub, "kind": "agent", **claims})
 
 
 @pytest.fixture

@@ -21,9 +21,8 @@ import pytest
 import yaml
 
 from tests.conftest import MakeGateway
-from tests.store.conftest import PG_DSN, drop_schema, unique_schema
 from tests.sts.lifecycle_support import ADMIN, Client, claims_of, lifecycle_config, start
-from tests.support import TestIssuer, Upstream, free_port, raw_request, wait_for
+from tests.support import PG_DSN, TestIssuer, Upstream, free_port, raw_request, wait_for
 
 PUBLIC_URL = "http://idgate.test"  # both processes are one gateway to their callers
 
@@ -145,26 +144,22 @@ def test_a_revocation_on_one_worker_is_refused_on_another(
 
 
 def test_replicas_sharing_postgresql_see_each_others_revocations(
-    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path
+    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path, pg_schema: str
 ) -> None:
     """Two gateways (as on two machines: separate state folders) share the state in PostgreSQL."""
-    schema = unique_schema()
-    state = {"backend": "postgres", "postgres_dsn": PG_DSN, "postgres_schema": schema}
-    try:
-        config = lifecycle_config(issuer, upstream, tmp_path, state=state)
-        _, first = start(make_gateway, config)
-        _, second = start(make_gateway, config)
-        alice = issuer.mint({"sub": "alice", "kind": "human"})
-        admin = issuer.mint({"sub": ADMIN, "kind": "human"})
-        task = first.start_task(alice, purpose="shared")
-        assert second.call("GET", f"/tasks/{task['id']}", alice).json()["status"] == "active"
-        assert first.models(alice) == 200 and second.models(alice) == 200
+    state = {"backend": "postgres", "postgres_dsn": PG_DSN, "postgres_schema": pg_schema}
+    config = lifecycle_config(issuer, upstream, tmp_path, state=state)
+    _, first = start(make_gateway, config)
+    _, second = start(make_gateway, config)
+    alice = issuer.mint({"sub": "alice", "kind": "human"})
+    admin = issuer.mint({"sub": ADMIN, "kind": "human"})
+    task = first.start_task(alice, purpose="shared")
+    assert second.call("GET", f"/tasks/{task['id']}", alice).json()["status"] == "active"
+    assert first.models(alice) == 200 and second.models(alice) == 200
 
-        revoked = first.call("POST", "/admin/revoke", admin, json={"subject": "alice", "reason": "offboarded"})
-        assert revoked.status == 200
-        started = time.monotonic()
-        wait_for(lambda: second.models(alice) == 401, timeout=2)
-        assert time.monotonic() - started < 1.0
-        assert second.call("POST", f"/tasks/{task['id']}/complete", admin).json()["status"] == "completed"
-    finally:
-        drop_schema(schema)
+    revoked = first.call("POST", "/admin/revoke", admin, json={"subject": "alice", "reason": "offboarded"})
+    assert revoked.status == 200
+    started = time.monotonic()
+    wait_for(lambda: second.models(alice) == 401, timeout=2)
+    assert time.monotonic() - started < 1.0
+    assert second.call("POST", f"/tasks/{task['id']}/complete", admin).json()["status"] == "completed"
