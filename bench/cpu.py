@@ -126,6 +126,41 @@ def other_share(gateway_pids: Iterable[int], helper_pids: Iterable[int], window:
     return Usage.between(before, Snapshot.take(gateway, helpers)).other / window
 
 
+def wait_quiet(gateway_pids: Iterable[int], helper_pids: Iterable[int], budget: float, limit_pct: float) -> None:
+    """Wait, at most `budget` s, until processes outside the benchmark use at most `limit_pct` % of a core."""
+    gateway, helpers = list(gateway_pids), list(helper_pids)
+    deadline = time.monotonic() + budget
+    while other_share(gateway, helpers, window=0.5) * 100 > limit_pct and time.monotonic() < deadline:
+        pass
+
+
+class Window:
+    """The CPU used while a `with` block runs (one accounting window for a cell): `used` and `wall`, set on exit."""
+
+    def __init__(self, gateway_pids: Iterable[int], helper_pids: Iterable[int]) -> None:
+        self._gateway, self._helpers = list(gateway_pids), list(helper_pids)
+        self.used = Usage(0.0, 0.0, 0.0)
+        self.wall = 0.0
+
+    def __enter__(self) -> Window:
+        self._before = Snapshot.take(self._gateway, self._helpers)
+        self._started = time.monotonic()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.wall = time.monotonic() - self._started
+        self.used = Usage.between(self._before, Snapshot.take(self._gateway, self._helpers))
+
+    @property
+    def other_pct(self) -> float:
+        """CPU of processes outside the benchmark, in % of one core."""
+        return self.used.other / self.wall * 100 if self.wall > 0 else 0.0
+
+    def gateway_us(self, requests: int) -> float:
+        """Gateway CPU per request, in µs."""
+        return self.used.gateway / max(requests, 1) * 1e6
+
+
 def _spin() -> float:
     started = time.perf_counter()
     total = 0

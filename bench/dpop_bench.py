@@ -52,6 +52,8 @@ import cpu
 import install
 import loadgen
 import procs
+import report
+import targets
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -59,8 +61,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results" / "dpop.json"
-MODEL = "bench-model"
-NOISY_OTHER_CPU_PCT = 5.0
+MODEL = targets.MODEL
+NOISY_OTHER_CPU_PCT = report.NOISY_OTHER_CPU_PCT
 CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}).encode()
 
 # Each request takes the next proof of PROOFS; past the last it starts over (replays: refused).
@@ -173,21 +175,6 @@ class ProofSigner:
 # --- the gateway --------------------------------------------------------------------------------------
 
 
-def write_config(folder: Path, port: int, upstream: str) -> Path:
-    config = folder / "idgate.yaml"
-    config.write_text(
-        f"""server: {{host: 127.0.0.1, port: 0, public_url: "http://127.0.0.1:{port}"}}
-state: {{home: {folder / "state"}}}
-dev_issuer: {{enabled: true, tenant: bench}}
-providers:
-  - {{name: mock, type: openai, base_url: "{upstream}/v1", api_key: {{env: BENCH_UPSTREAM_KEY}}}}
-models:
-  - {{name: {MODEL}, provider: mock}}
-"""
-    )
-    return config
-
-
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
@@ -245,11 +232,8 @@ class Cell:
 def measure(
     url: str, script: Path, workload: str, n: int, rnd: int, seconds: float, pid: int, load: int | None
 ) -> Cell:
-    before = cpu.Snapshot.take([pid], [])
-    started = time.monotonic()
-    result = loadgen.run_wrk(url, script, connections=n, seconds=seconds, cpu=load)
-    wall = time.monotonic() - started
-    used = cpu.Usage.between(before, cpu.Snapshot.take([pid], []))
+    with cpu.Window([pid], []) as window:
+        result = loadgen.run_wrk(url, script, connections=n, seconds=seconds, cpu=load)
     return Cell(
         workload=workload,
         concurrency=n,
@@ -259,16 +243,13 @@ def measure(
         p99_ms=result.p99_ms,
         requests=result.requests,
         errors=result.errors,
-        gateway_cpu_us=used.gateway / max(result.requests, 1) * 1e6,
-        other_cpu_pct=used.other / wall * 100,
+        gateway_cpu_us=window.gateway_us(result.requests),
+        other_cpu_pct=window.other_pct,
     )
 
 
 def wait_quiet(pid: int, budget: float = 10.0) -> None:
-    deadline = time.monotonic() + budget
-    while time.monotonic() < deadline:
-        if cpu.other_share([pid], [], window=0.5) * 100 <= NOISY_OTHER_CPU_PCT:
-            return
+    cpu.wait_quiet([pid], [], budget, NOISY_OTHER_CPU_PCT)
 
 
 def show(cell: Cell) -> None:
@@ -345,7 +326,7 @@ def run(settings: Settings) -> dict[str, Any]:
             procs.wait_http(mock, f"{upstream}/health", timeout=30)
             port = procs.free_port()
             (work / "state").mkdir()
-            config = write_config(work, port, upstream)
+            config = targets.idgate_config(work, port, upstream)
             env = {**os.environ, "IDGATE_HOME": str(work / "state"), "BENCH_UPSTREAM_KEY": "sk-bench"}
             subject = subprocess.run(
                 [str(settings.idgate), "token", "--config", str(config), "--sub", "bench-user", "--ttl", "3600"],

@@ -260,11 +260,8 @@ class Bench:
     def _wait_quiet(self, endpoint: targets.Endpoint) -> None:
         """Wait until other processes leave the CPUs nearly idle: per cell and per run, bounded."""
         started = time.monotonic()
-        deadline = started + min(self.s.quiet_wait, self.quiet_budget)
-        while True:
-            share = cpu.other_share(endpoint.pids, [self.mock_pid], window=0.5)
-            if share * 100 <= report.NOISY_OTHER_CPU_PCT or time.monotonic() >= deadline:
-                break
+        budget = min(self.s.quiet_wait, self.quiet_budget)
+        cpu.wait_quiet(endpoint.pids, [self.mock_pid], budget, report.NOISY_OTHER_CPU_PCT)
         self.quiet_budget = max(0.0, self.quiet_budget - (time.monotonic() - started))
 
     def _wrk(self, endpoint: targets.Endpoint, script: Path, n: int, seconds: float) -> loadgen.WrkResult:
@@ -273,29 +270,26 @@ class Bench:
     def _cell(self, name: str, mode: str, n: int, endpoint: targets.Endpoint, script: Path) -> report.Cell:
         """wrk for the duration, then (streams) the TTFB probe, inside one CPU accounting window."""
         calibration = cpu.speed_ms(self.layout.gateway_cpu)
-        before = cpu.Snapshot.take(endpoint.pids, [self.mock_pid])
-        started = time.monotonic()
-        result = self._wrk(endpoint, script, n, self.s.duration)
-        cell = report.Cell(
-            target=name,
-            mode=mode,
-            concurrency=n,
-            rps=result.rps,
-            p50_ms=result.p50_ms,
-            p99_ms=result.p99_ms,
-            requests=result.requests,
-            errors=result.errors,
-            gateway_cpu_us=None,
-            other_cpu_pct=0.0,
-        )
-        if mode == "stream":
-            self._ttfb(cell, endpoint)
-        wall = time.monotonic() - started
-        used = cpu.Usage.between(before, cpu.Snapshot.take(endpoint.pids, [self.mock_pid]))
+        with cpu.Window(endpoint.pids, [self.mock_pid]) as window:
+            result = self._wrk(endpoint, script, n, self.s.duration)
+            cell = report.Cell(
+                target=name,
+                mode=mode,
+                concurrency=n,
+                rps=result.rps,
+                p50_ms=result.p50_ms,
+                p99_ms=result.p99_ms,
+                requests=result.requests,
+                errors=result.errors,
+                gateway_cpu_us=None,
+                other_cpu_pct=0.0,
+            )
+            if mode == "stream":
+                self._ttfb(cell, endpoint)
         served = cell.requests + cell.ttfb_requests + cell.ttfb_errors
         if endpoint.pids and served:
-            cell.gateway_cpu_us = used.gateway / served * 1e6
-        cell.other_cpu_pct = used.other / wall * 100
+            cell.gateway_cpu_us = window.gateway_us(served)
+        cell.other_cpu_pct = window.other_pct
         cell.calibration_ms = (calibration, cpu.speed_ms(self.layout.gateway_cpu))
         return cell
 

@@ -33,6 +33,22 @@ MODEL = "bench-model"
 START_TIMEOUT = {"floor": 30.0, "litellm": 180.0, "idgate": 60.0}
 
 
+def idgate_config(folder: Path, port: int, upstream: str) -> Path:
+    """The benchmarked idgate's config in `folder`: the dev issuer, one model on the mock upstream."""
+    config = folder / "idgate.yaml"
+    config.write_text(
+        f"""server: {{host: 127.0.0.1, port: 0, public_url: "http://127.0.0.1:{port}"}}
+state: {{home: {folder / "state"}}}
+dev_issuer: {{enabled: true, tenant: bench}}
+providers:
+  - {{name: mock, type: openai, base_url: "{upstream}/v1", api_key: {{env: BENCH_UPSTREAM_KEY}}}}
+models:
+  - {{name: {MODEL}, provider: mock}}
+"""
+    )
+    return config
+
+
 class Unavailable(Exception):
     """The target cannot be measured in this run; the message says why."""
 
@@ -204,20 +220,6 @@ class Idgate(Target):
             raise Unavailable(f"`idgate --help` exited {done.returncode}: {' | '.join(tail)}")
         self.version = install.package_version(Path(sys.executable), "idgate")
 
-    def _config(self, folder: Path, port: int, upstream: str) -> Path:
-        config = folder / "idgate.yaml"
-        config.write_text(
-            f"""server: {{host: 127.0.0.1, port: 0, public_url: "http://127.0.0.1:{port}"}}
-state: {{home: {folder / "state"}}}
-dev_issuer: {{enabled: true, tenant: bench}}
-providers:
-  - {{name: mock, type: openai, base_url: "{upstream}/v1", api_key: {{env: BENCH_UPSTREAM_KEY}}}}
-models:
-  - {{name: {MODEL}, provider: mock}}
-"""
-        )
-        return config
-
     def _token(self, config: Path, env: dict[str, str]) -> str:
         argv = [str(self.command), "token", "--config", str(config), "--sub", "bench-user", "--ttl", "3600"]
         try:
@@ -235,7 +237,7 @@ models:
         folder = ctx.work / "idgate"
         (folder / "state").mkdir(parents=True, exist_ok=True)
         port = procs.free_port()
-        config = self._config(folder, port, ctx.upstream)
+        config = idgate_config(folder, port, ctx.upstream)
         env = dict(os.environ)
         env.update(IDGATE_HOME=str(folder / "state"), BENCH_UPSTREAM_KEY="sk-bench-upstream")
         argv = [str(self.command), "serve", "--config", str(config), "--port", str(port)]

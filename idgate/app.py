@@ -11,16 +11,24 @@ from typing import Any
 import aiohttp
 
 from idgate.audit.chain import checkpoint_signer
+from idgate.audit.records import policy_reload_record
+from idgate.audit.trail import build_writer, config_loaded_record
 from idgate.audit.writer import AuditWriter
 from idgate.classify import Classifier
 from idgate.config import Config, IssuerConfig, SpiffeIssuerConfig, load_config
 from idgate.errors import IdgateError, MethodNotAllowed, NotFound, shown
 from idgate.identity.authenticator import Authenticator
 from idgate.identity.devissuer import DevIssuer, dev_issuer_config
+from idgate.identity.dpop import DPoPCheck, build_verifier
 from idgate.identity.gate import Gate
 from idgate.identity.issuers import OidcIssuer, SpiffeIssuer, TokenIssuer
 from idgate.identity.keys import JWKSLoader, KeySet, file_loader, http_loader
+from idgate.identity.mtls import SCOPE_KEY as CLIENT_CERTIFICATES
+from idgate.identity.mtls import ClientCertificates
 from idgate.identity.pseudonym import Pseudonyms
+from idgate.identity.replay import build_replay_cache
+from idgate.mcp.gateway import mcp_resources
+from idgate.mcp.wiring import build_mcp, with_mcp_audiences
 from idgate.policy import (
     AudienceSpec,
     CedarAuthorizer,
@@ -30,6 +38,7 @@ from idgate.policy import (
     ModelSpec,
     PolicyStore,
     PolicyWatcher,
+    ReloadOutcome,
 )
 from idgate.policy.authzen import AuthZen
 from idgate.policy.demo import POLICY as DEMO_POLICY
@@ -40,6 +49,8 @@ from idgate.proxy.admission import Admission
 from idgate.proxy.api import Gateway, Route
 from idgate.proxy.http import Receive, Request, Scope, Send, send_error, send_json
 from idgate.sts.keys import SigningKeys
+from idgate.sts.lifecycle import Lifecycle, build_lifecycle
+from idgate.sts.resources import ResourceAudiences
 from idgate.sts.service import build_sts
 
 __all__ = ["IdgateApp", "app_from_environment", "build_app"]
@@ -146,7 +157,7 @@ def policy_store(config: Config) -> PolicyStore:
         grant = EntitlementSpec(
             tenant="*",
             models=tuple(m.name for m in config.models),
-            tools=(f"{config.policy.function_tools_server}/*",),
+            tools=(f"{config.policy.function_tools_server}/*", *(f"{s.name}/*" for s in config.mcp.servers)),
             audiences=config.server.accepted_audiences,
         )
         models = models.merge(EntityData(entitlements=(grant,)))
@@ -162,19 +173,16 @@ class IdgateApp:
     """The ASGI application: routes, lifespan, and the last line of error handling."""
 
     def __init__(self, config: Config) -> None:
+        config = with_mcp_audiences(config)  # each MCP server's resource URL is an audience of the gateway
         self.config = config
         self._fetch = _SharedSession()
         self._watcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.providers = _providers(config)
         routes = {m.name: Route(m, self.providers[m.provider]) for m in config.models}
         # One signing key signs the chain's checkpoints and the token service's tokens.
         keys = SigningKeys.open(config.home, config.sts.algorithm)
-        self.audit = AuditWriter(
-            config.audit_path,
-            config.audit.flush_interval_seconds,
-            sign=checkpoint_signer(keys),
-            checkpoint_every=config.audit.checkpoint_every,
-        )
+        self.audit: AuditWriter = build_writer(config, checkpoint_signer(keys))
         # The token service's issuer is one the gateway trusts: its tokens come back as credentials.
         sts = build_sts(config.sts, config.server, config.home, keys) if config.sts.enabled else None
         issuers = _issuers(config, self._fetch) + ([sts.issuer] if sts is not None else [])
@@ -184,24 +192,59 @@ class IdgateApp:
             resource_metadata=f"{config.server.url}{PROTECTED_RESOURCE_PATH}",
         )
         # Identity, then the per-call checks of the credential (binding, liveness): every endpoint asks the gate.
-        self.gate = Gate(self.authenticator, resource_metadata=f"{config.server.url}{PROTECTED_RESOURCE_PATH}")
+        # Client certificates (idgate/identity/mtls.py): an X.509-SVID is an identity; `cnf.x5t#S256` binds a token.
+        self.certificates = ClientCertificates.from_config(config, [i for i in issuers if isinstance(i, SpiffeIssuer)])
+        self.gate = Gate(
+            self.authenticator,
+            resource_metadata=f"{config.server.url}{PROTECTED_RESOURCE_PATH}",
+            certificate_identity=self.certificates.caller,
+        )
+        self.gate.add_check(self.certificates.check_binding)
+        # Liveness: revoked tokens, ended tasks and sessions are refused on every call (idgate/sts/revocation.py).
+        self.lifecycle = build_lifecycle(
+            config,
+            gate=self.gate,
+            authenticator=self.authenticator,
+            issuers=issuers,
+            record=self.audit.emit,
+            fetch=self._fetch,
+        )
+        self.gate.add_check(self.lifecycle.liveness)
+        # A token for one MCP server (RFC 8707 `resource`) is good under /mcp/ only (idgate/sts/resources.py).
+        self.gate.add_check(ResourceAudiences(mcp_resources(config.mcp, config.server.url)))
+        # DPoP (RFC 9449): proofs' `jti`s and client assertions' are single-use across every worker.
+        self.replay = build_replay_cache(config.sts.replay_cache, config.home)
+        self.dpop = build_verifier(config.sts.dpop, config.server.url, config.home, self.replay)
+        self.gate.add_check(DPoPCheck(self.dpop))
         self.policies = policy_store(config)
         self.authorizer = CedarAuthorizer(self.policies, max_delegation_depth=config.policy.max_delegation_depth)
         classifier = Classifier(DataClasses(config.data_classes.levels), config.data_classes.detectors or None)
+        admission = Admission(
+            self.authorizer,
+            classifier,
+            tenant_classes=config.data_classes.tenants,
+            unentitled_tools=config.policy.unentitled_tools,
+            function_tools_server=config.policy.function_tools_server,
+        )
+        self.mcp = build_mcp(
+            config,
+            gate=self.gate,
+            authorizer=self.authorizer,
+            admission=admission,
+            keys=keys,
+            audit=self.audit,
+            policies=self.policies,
+            store=self.lifecycle.liveness.store,
+        )
         self.gateway = Gateway(
             gate=self.gate,
             authorizer=self.authorizer,
-            admission=Admission(
-                self.authorizer,
-                classifier,
-                tenant_classes=config.data_classes.tenants,
-                unentitled_tools=config.policy.unentitled_tools,
-                function_tools_server=config.policy.function_tools_server,
-            ),
+            admission=admission,
             routes=routes,
             audit=self.audit,
             pseudonyms=Pseudonyms.from_state(config.home),
             max_body_bytes=config.server.max_body_bytes,
+            fail_open_reads=config.audit.fail_open_reads,
         )
         authzen = AuthZen(
             self.gate,
@@ -223,15 +266,46 @@ class IdgateApp:
             PROTECTED_RESOURCE_PATH: {"GET": self._protected_resource},
         }
         if sts is not None:
-            self._routes.update(sts.routes(self.authenticator, self.authorizer, self.audit.emit))
+            self._routes.update(
+                sts.routes(
+                    self.authenticator,
+                    self.authorizer,
+                    self.audit.emit,
+                    dpop=self.dpop,
+                    replay=self.replay,
+                    fetch=self._fetch,
+                    clock_skew=config.server.clock_skew_seconds,
+                    liveness=self.lifecycle.liveness,
+                    tasks=self.lifecycle.tasks,
+                    metadata=self.lifecycle.metadata(sts.issuer.issuer),
+                    commit=self.audit.commit,  # an issued token's record is committed before it is sent
+                )
+            )
+        self._routes.update(self.lifecycle.routes())
 
     async def startup(self) -> None:
         self.audit.start()
+        self._loop = asyncio.get_running_loop()
+        self.audit.emit(config_loaded_record(self.config, self.policies.revision))
         if self.config.policy.reload_interval_seconds > 0:
-            watcher = PolicyWatcher(self.policies, self.config.policy.reload_interval_seconds)
+            watcher = PolicyWatcher(
+                self.policies, self.config.policy.reload_interval_seconds, on_reload=self._policy_reloaded
+            )
             self._watcher = asyncio.get_running_loop().create_task(watcher.run())
         for provider in self.providers.values():
             await provider.start()
+        await self.mcp.start()
+        await self.lifecycle.liveness.start()
+
+    def _policy_reloaded(self, outcome: ReloadOutcome) -> None:
+        """Every reload, taken or refused, goes on record (from the reloading thread, via the loop)."""
+        record = policy_reload_record(outcome.revision, outcome.changed, outcome.problems)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._audit_quietly, record)
+
+    def _audit_quietly(self, record: dict[str, Any]) -> None:
+        with contextlib.suppress(IdgateError):
+            self.audit.emit(record)
 
     async def shutdown(self) -> None:
         if self._watcher is not None:
@@ -241,7 +315,11 @@ class IdgateApp:
         for provider in self.providers.values():
             await provider.close()
         await self._fetch.close()
+        await self.mcp.close()
+        await self.lifecycle.liveness.stop()
+        self.lifecycle.liveness.store.close()
         self.audit.close()
+        await self.replay.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -250,11 +328,16 @@ class IdgateApp:
             await self._lifespan(receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[CLIENT_CERTIFICATES] = self.certificates  # for `idgate.identity.mtls.peer_certificate(request)`
         request = Request(scope, receive)
         path = request.path
         methods = self._routes.get(path)
         if methods is None and path.startswith("/v1/models/"):
             methods = {"GET": self.gateway.model}
+        elif methods is None and path.startswith(Lifecycle.TASK_PREFIX):
+            methods = {"GET": self.lifecycle.task_item, "POST": self.lifecycle.task_item}
+        elif methods is None and path.startswith(("/mcp/", "/.well-known/oauth-protected-resource/mcp/")):
+            methods = self.mcp.methods(path)
         handler = methods.get(request.method) if methods is not None else None
         try:
             if methods is None:
@@ -294,6 +377,7 @@ class IdgateApp:
             "authorization_servers": servers,
             "bearer_methods_supported": ["header"],
             "resource_name": "idgate",
+            "dpop_signing_alg_values_supported": list(self.dpop.algorithms),
         }
         await send_json(send, 200, metadata, request.id)
 
@@ -301,8 +385,10 @@ class IdgateApp:
         await send_json(send, 200, {"status": "ok"}, request.id)
 
     async def _readyz(self, request: Request, send: Send) -> None:
-        ready = self.audit.healthy
-        body = {"status": "ready" if ready else "not ready", "checks": {"audit": ready}}
+        live = self.lifecycle.liveness.fresh
+        ready = self.audit.healthy and live
+        checks = {"audit": self.audit.healthy, "liveness": live}
+        body = {"status": "ready" if ready else "not ready", "checks": checks}
         await send_json(send, 200 if ready else 503, body, request.id)
 
 

@@ -20,6 +20,8 @@ from idgate.config import Config, config_schema, load_config, with_listen
 from idgate.errors import ConfigError
 from idgate.identity.devissuer import DevIssuer
 from idgate.identity.pseudonym import Pseudonyms
+from idgate.mcp.cli import add_commands as add_mcp_commands
+from idgate.mcp.cli import run as run_mcp
 
 if TYPE_CHECKING:
     from idgate.app import IdgateApp
@@ -97,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("--config", help="YAML config file (default: $IDGATE_CONFIG, else the embedded default)")
 
+    add_mcp_commands(commands)
+
     audit = commands.add_parser("audit", help="check the audit trail")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     audit_verify = audit_commands.add_parser(
@@ -169,6 +173,9 @@ def _serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "timeout_graceful_shutdown": 10,
     }
+    from idgate.serve import uvicorn_options
+
+    options.update(uvicorn_options(config))  # `server.tls`: HTTPS, client certificates handed to the app
     if args.workers <= 1:
         from idgate.app import build_app
 
@@ -179,7 +186,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Workers load exactly the config validated here, from a file in the state folder.
     effective = config.home / "effective-config.yaml"
     data = config.model_dump(mode="json", exclude_none=True)
-    data["state"] = {"home": str(config.home)}
+    data["state"] = {**data.get("state", {}), "home": str(config.home)}  # keep the state backend
     effective.write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ["IDGATE_CONFIG"] = str(effective)
     uvicorn.run("idgate.cli:worker_app", factory=True, workers=args.workers, **options)
@@ -266,10 +273,11 @@ def _policy(args: argparse.Namespace) -> int:
 
 def _audit_query(args: argparse.Namespace, config: Config) -> int:
     from idgate.audit.query import TABLE_HEADER, query, table_row
+    from idgate.audit.trail import open_store
 
     try:
         records = query(
-            config.audit_path,
+            open_store(config),
             subject=args.subject,
             agent=args.agent,
             tenant=args.tenant,
@@ -297,9 +305,10 @@ def _audit_query(args: argparse.Namespace, config: Config) -> int:
 
 def _audit_explain(args: argparse.Namespace, config: Config) -> int:
     from idgate.audit.query import UnknownRequest, explain
+    from idgate.audit.trail import open_store
 
     try:
-        print(explain(config.audit_path, args.request_id))
+        print(explain(open_store(config), args.request_id))
     except (FileNotFoundError, UnknownRequest) as exc:
         print(f"idgate: {exc.args[0]}", file=sys.stderr)
         return 1
@@ -307,6 +316,9 @@ def _audit_explain(args: argparse.Namespace, config: Config) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from idgate.audit.trail import open_store
     from idgate.audit.verify import verify
     from idgate.sts.keys import KEYS_FILE, SigningKeys
 
@@ -319,8 +331,8 @@ def _audit(args: argparse.Namespace) -> int:
     # Read the published keys only: verifying never creates a key.
     jwks = SigningKeys(keys_file).jwks() if keys_file.exists() else {"keys": []}
     try:
-        report = verify(config.audit_path, jwks)
-    except FileNotFoundError as exc:
+        report = verify(open_store(config), jwks)
+    except (FileNotFoundError, psycopg.Error) as exc:
         print(f"idgate: {exc}", file=sys.stderr)
         return 1
     for line in report.lines():
@@ -353,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _audit(args)
         if args.command == "keys":
             return _keys(args)
+        if args.command == "mcp":
+            return run_mcp(args)
         return _config(args)
     except ConfigError as error:
         where = f"{getattr(args, 'file', None) or getattr(args, 'config', None) or 'config'}"

@@ -21,7 +21,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from idgate.errors import ConfigError
+from idgate.sts.client_settings import JWS_ASYMMETRIC, RSA_EC_ALGORITHMS, algorithms_given
+from idgate.sts.lifecycle_settings import (
+    AdminSettings,
+    BackchannelLogoutSettings,
+    IntrospectionSettings,
+    LivenessSettings,
+    SsfSettings,
+    TasksSettings,
+)
 from idgate.sts.settings import StsSettings
+from idgate.tls import TlsSettings, TrustedProxies, tls_problems
 
 __all__ = [
     "AuditConfig",
@@ -47,18 +57,6 @@ __all__ = [
     "read_yaml",
 ]
 
-ASYMMETRIC_ALGORITHMS = (
-    "RS256",
-    "RS384",
-    "RS512",
-    "PS256",
-    "PS384",
-    "PS512",
-    "ES256",
-    "ES384",
-    "ES512",
-    "EdDSA",
-)
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 Algorithm = Literal[
     "RS256",
@@ -125,10 +123,13 @@ class ServerConfig(_Frozen):
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     clock_skew_seconds: int = Field(60, ge=0, le=600)
+    tls: TlsSettings | None = Field(None, description="serve HTTPS, optionally with client certificates (mTLS)")
+    trusted_proxies: TrustedProxies = TrustedProxies()
 
     @property
     def url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "https" if self.tls is not None else "http"
+        return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
 
     @property
     def accepted_audiences(self) -> tuple[str, ...]:
@@ -137,6 +138,20 @@ class ServerConfig(_Frozen):
 
 class StateConfig(_Frozen):
     home: Path | None = Field(None, description="state folder; default $IDGATE_HOME or ./.idgate")
+    # Tasks and revocations (idgate/store): SQLite in the state folder, or PostgreSQL for replicas.
+    backend: Literal["sqlite", "postgres"] = Field("sqlite", description="where tasks and revocations live")
+    postgres_dsn: str | SecretRef | None = Field(
+        None, description="PostgreSQL DSN (`backend: postgres`); with a password, give it as `{env}` or `{file}`"
+    )
+    postgres_schema: str = Field("idgate", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="schema of the tables")
+
+    @model_validator(mode="after")
+    def _dsn(self) -> StateConfig:
+        if self.backend == "postgres" and self.postgres_dsn is None:
+            raise ValueError("`backend: postgres` needs `postgres_dsn`")
+        if isinstance(self.postgres_dsn, str) and re.search(r"password\s*=|://[^/@:]*:[^/@]*@", self.postgres_dsn):
+            raise ValueError("`postgres_dsn` holds a password: give it as `{env: NAME}` or `{file: PATH}`")
+        return self
 
 
 class DevIssuerConfig(_Frozen):
@@ -172,18 +187,13 @@ class _IssuerBase(_Frozen):
     jwks_uri: str | None = None
     jwks_file: Path | None = None
     audiences: tuple[str, ...] = Field((), description="default: the server's audiences")
-    algorithms: tuple[Algorithm, ...] = ASYMMETRIC_ALGORITHMS  # type: ignore[assignment]
+    algorithms: tuple[Algorithm, ...] = JWS_ASYMMETRIC  # type: ignore[assignment]
     refetch_interval_seconds: float = Field(
         30.0, ge=0, description="an unknown `kid` refetches the keys at most this often"
     )
     cache_ttl_seconds: float = Field(300.0, gt=0, description="keys are refetched after this")
 
-    @field_validator("algorithms")
-    @classmethod
-    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("at least one algorithm is needed")
-        return value
+    _algorithms_given = field_validator("algorithms")(algorithms_given)
 
 
 class IssuerConfig(_IssuerBase):
@@ -229,22 +239,17 @@ class SpiffeIssuerConfig(_IssuerBase):
     tenant: str | None = Field(None, description="tenant of its workloads unless a rule says")
     rules: tuple[SpiffeRule, ...] = ()
     default_kind: Kind = "service"
-    algorithms: tuple[Algorithm, ...] = (
-        "RS256",
-        "RS384",
-        "RS512",
-        "PS256",
-        "PS384",
-        "PS512",
-        "ES256",
-        "ES384",
-        "ES512",
+    x509_bundle_file: Path | None = Field(
+        None, description="the domain's X.509 authorities (PEM, or a SPIFFE bundle): its X.509-SVIDs are accepted"
     )
+    algorithms: tuple[Algorithm, ...] = RSA_EC_ALGORITHMS  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _bundle(self) -> SpiffeIssuerConfig:
-        if (self.jwks_uri is None) == (self.jwks_file is None):
-            raise ValueError("give exactly one of `jwks_uri` or `jwks_file` (the trust bundle)")
+        if self.jwks_uri is not None and self.jwks_file is not None:
+            raise ValueError("give only one of `jwks_uri` or `jwks_file` (the trust bundle)")
+        if self.jwks_uri is None and self.jwks_file is None and self.x509_bundle_file is None:
+            raise ValueError("give one of `jwks_uri` or `jwks_file` (the trust bundle), or `x509_bundle_file`")
         if any(a in HMAC_ALGORITHMS or a == "EdDSA" for a in self.algorithms):
             raise ValueError("JWT-SVIDs are signed with RS, PS or ES algorithms only")
         return self
@@ -331,10 +336,9 @@ class AuthZenConfig(_Frozen):
     allowed_groups: tuple[str, ...] = Field(("authzen",), description="members of these groups may ask")
 
 
-class AuditConfig(_Frozen):
-    path: Path | None = Field(None, description="SQLite file; default STATE/audit.db")
-    flush_interval_seconds: float = Field(0.005, gt=0, le=1)
-    checkpoint_every: int = Field(1000, gt=0, description="records between signed checkpoints of the hash chain")
+# After `SecretRef`: the audit settings use it (see idgate/audit/settings.py).
+from idgate.audit.settings import AuditSettings as AuditConfig  # noqa: E402
+from idgate.mcp.settings import McpSettings  # noqa: E402  (after `SecretRef` too: see idgate/mcp/settings.py)
 
 
 class Config(_Frozen):
@@ -350,6 +354,13 @@ class Config(_Frozen):
     authzen: AuthZenConfig = AuthZenConfig()
     sts: StsSettings = StsSettings()
     data_classes: DataClassesConfig = DataClassesConfig()
+    mcp: McpSettings = McpSettings()
+    liveness: LivenessSettings = LivenessSettings()
+    tasks: TasksSettings = TasksSettings()
+    admin: AdminSettings = AdminSettings()
+    introspection: IntrospectionSettings = IntrospectionSettings()
+    backchannel_logout: BackchannelLogoutSettings = BackchannelLogoutSettings()
+    ssf: SsfSettings = SsfSettings()
     # Filled in by load_config from the environment; not part of the file.
     home: Path = Field(Path(".idgate"), exclude=True)
     _env: Mapping[str, str] = PrivateAttr(default_factory=dict)
@@ -380,6 +391,8 @@ class Config(_Frozen):
             raise ValueError("issuers/spiffe: the names `idgate` and `dev` are the gateway's own issuers")
         if not self.dev_issuer.enabled and not self.issuers and not self.spiffe:
             raise ValueError("no way to authenticate: configure `issuers`, `spiffe` or `dev_issuer`")
+        for problem in tls_problems(self):
+            raise ValueError(problem)
         return self
 
     @property

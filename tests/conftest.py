@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from idgate.config import Config
-from tests.support import Gateway, TestIssuer, Upstream
+from tests.support import Gateway, TestIssuer, Upstream, drop_schema, unique_schema
 
 UPSTREAM_KEY = "sk-upstream-secret-not-for-callers"
 MakeGateway = Callable[..., Gateway]
@@ -67,3 +67,11 @@ def make_gateway(tmp_path: Path) -> Iterator[MakeGateway]:
 @pytest.fixture
 def gateway(make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream) -> Gateway:
     return make_gateway(base_config(issuer, upstream))
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A PostgreSQL schema of its own on the `test` database (tests.support.PG_DSN), dropped afterwards."""
+    schema = unique_schema()
+    yield schema
+    drop_schema(schema)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import os
+import secrets
 import socket
 import threading
 import time
@@ -19,10 +21,12 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
+import psycopg
 import uvicorn
 from aiohttp import web
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
+from psycopg import sql
 
 from idgate.app import IdgateApp, build_app
 from idgate.audit.records import stories
@@ -361,6 +365,19 @@ class Gateway:
     def stop(self) -> None:
         self.server.should_exit = True
         self._thread.join(10)
+
+
+# PostgreSQL for the stores' tests (trust auth, database `test`); each test works in a schema of its own.
+PG_DSN = os.environ.get("IDGATE_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
+
+
+def unique_schema(prefix: str = "idgate_test") -> str:
+    return f"{prefix}_{secrets.token_hex(6)}"
+
+
+def drop_schema(schema: str) -> None:
+    with psycopg.connect(PG_DSN, autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

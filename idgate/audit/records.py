@@ -50,6 +50,7 @@ __all__ = [
     "RECORD_VERSION",
     "RequestFacts",
     "action_record",
+    "decision_of",
     "decision_record",
     "exchange_record",
     "identity_record",
@@ -73,6 +74,8 @@ ACTIONS = (
     "policy_reload",
     "config_loaded",
     "unrecorded_reads",
+    "tool_pinned",
+    "tool_changed",
 )
 
 # The request parameters a model record keeps: settings, never content (no `messages`,
@@ -236,18 +239,34 @@ def decision_record(facts: RequestFacts) -> dict[str, Any] | None:
     decision = facts.decision
     if decision is None:
         return None
-    record = _base("decision", facts.request_id, facts.trace_id, time.time())
+    extra = {"tools": facts.tools_offered} if facts.tools_offered else {}
+    resource = {"type": "model", "id": facts.model}
+    record = decision_of(facts, facts.action, resource, facts.data_class, decision, extra, facts.tools_removed)
+    record["findings"] = facts.findings
+    return record
+
+
+def decision_of(
+    facts: RequestFacts,
+    action: str,
+    resource: Mapping[str, Any],
+    data_class: str | None,
+    decision: Decision,
+    extra_context: Mapping[str, Any] | None = None,
+    tools_removed: Any = None,
+) -> dict[str, Any]:
+    """A `decision` record: the policy's answer for the request's caller on `resource` (a model, a tool)."""
     caller = facts.caller
-    context: dict[str, Any] = {"data_class": facts.data_class, "tenant": caller.subject.tenant if caller else None}
-    if facts.tools_offered:
-        context["tools"] = facts.tools_offered
+    context: dict[str, Any] = {"data_class": data_class, "tenant": caller.subject.tenant if caller else None}
+    context.update(extra_context or {})
     if caller is not None and caller.credential.task:
         context["task"] = caller.credential.task
+    record = _base("decision", facts.request_id, facts.trace_id, time.time())
     record.update(
         {
             "subject": None if caller is None else {"id": caller.subject.id, "tenant": caller.subject.tenant},
-            "action": facts.action,
-            "resource": {"type": "model", "id": facts.model},
+            "action": action,
+            "resource": dict(resource),
             "context": context,
             "decision_id": decision.id,
             "allowed": decision.allowed,
@@ -256,8 +275,7 @@ def decision_record(facts: RequestFacts) -> dict[str, Any] | None:
             "errors": list(decision.errors),
             "revision": decision.revision,
             "denied_for": decision.denied_for or None,
-            "tools_removed": facts.tools_removed,
-            "findings": facts.findings,
+            "tools_removed": tools_removed,
         }
     )
     return record

@@ -70,6 +70,11 @@ def _confirmation(claims: dict[str, Any]) -> tuple[str | None, str | None]:
     return jkt, x5t
 
 
+def _issued_at(claims: dict[str, Any]) -> float | None:
+    iat = claims.get("iat")
+    return float(iat) if isinstance(iat, int | float) and not isinstance(iat, bool) else None
+
+
 class TokenIssuer:
     """What every trusted issuer does; subclasses map claims to a principal."""
 
@@ -126,6 +131,7 @@ class TokenIssuer:
             parents=tuple(parents),
             jkt=jkt,
             x5t=x5t,
+            issued_at=_issued_at(claims),
         )
 
 

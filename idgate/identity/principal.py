@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["Actor", "Caller", "Credential", "Kind", "Principal"]
+__all__ = ["Actor", "Caller", "Credential", "CredentialKind", "Kind", "Principal"]
 
 Kind = Literal["human", "service", "agent"]
 Binding = Literal["none", "dpop", "mtls"]
@@ -31,6 +31,11 @@ class Actor:
     issuer: str | None = None
 
 
+# What a caller presented: a JWT, a SPIFFE JWT-SVID, a dev token, or an X.509-SVID (a client
+# certificate, idgate/identity/mtls.py).
+CredentialKind = Literal["jwt", "jwt-svid", "dev", "x509-svid"]
+
+
 @dataclass(frozen=True, slots=True)
 class Credential:
     """What the caller presented, described without the secret itself.
@@ -43,7 +48,7 @@ class Credential:
     that ending a session, a task or a parent token ends this one too.
     """
 
-    kind: Literal["jwt", "jwt-svid", "dev"]
+    kind: CredentialKind
     id: str  # the `jti`, or a short hash of the token when it has none
     issuer_name: str
     expires_at: float
@@ -53,6 +58,7 @@ class Credential:
     parents: tuple[str, ...] = ()
     jkt: str | None = None  # `cnf.jkt`: the SHA-256 thumbprint of the DPoP key the token is bound to
     x5t: str | None = None  # `cnf.x5t#S256`: the SHA-256 thumbprint of the client certificate it is bound to
+    issued_at: float | None = None  # `iat`: revoking a subject, agent or tenant ends the tokens issued until then
 
 
 @dataclass(frozen=True, slots=True)

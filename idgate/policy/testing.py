@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from idgate.config import read_yaml
 from idgate.errors import ConfigError
-from idgate.identity.principal import Actor, Caller, Credential, Principal
+from idgate.identity.principal import Actor, Caller, Credential, CredentialKind, Principal
 from idgate.policy.cedar import CedarAuthorizer
 from idgate.policy.data_classes import DEFAULT_DATA_CLASSES, DataClasses
 from idgate.policy.decision import REASONS, Decision, Resource
@@ -59,7 +59,7 @@ class CallerCase(_Frozen):
     actors: tuple[ActorCase, ...] = ()
     task: str | None = None
     binding: Literal["bearer", "none", "dpop", "mtls"] = "bearer"
-    credential: Literal["jwt", "jwt-svid", "dev"] = "jwt"
+    credential: CredentialKind = "jwt"
 
     @field_validator("actors", mode="before")
     @classmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,15 +10,11 @@ import pytest
 from idgate.audit.chain import CheckpointSigner, checkpoint_signer
 from idgate.audit.stores import PostgresStore, SqliteStore, Store
 from idgate.sts.keys import SigningKeys
+from tests.support import PG_DSN, drop_schema, unique_schema
 
-PG_DSN = os.environ.get("IDGATE_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
 BACKENDS = ("sqlite", "postgres")
 
 MakeStore = Callable[..., Store]
-
-
-def unique_schema() -> str:
-    return f"idgate_audit_test_{os.getpid()}_{os.urandom(4).hex()}"
 
 
 @pytest.fixture
@@ -27,19 +22,11 @@ def keys(tmp_path: Path) -> SigningKeys:
     return SigningKeys.open(tmp_path / "keys")
 
 
-@pytest.fixture
-def pg_schema() -> Iterator[str]:
-    """A schema of its own on the `test` database, dropped afterwards."""
-    schema = unique_schema()
-    yield schema
-    PostgresStore(PG_DSN, schema).drop()
-
-
 @pytest.fixture(params=BACKENDS)
 def make_store(request: pytest.FixtureRequest, tmp_path: Path, keys: SigningKeys) -> Iterator[MakeStore]:
     """`make_store(checkpoint_every=N)`: a new handle on one trail (several handles: several writers)."""
     backend: str = request.param
-    schema = unique_schema()
+    schema = unique_schema("idgate_audit_test")
     made: list[Store] = []
 
     def make(checkpoint_every: int = 1000, sign: CheckpointSigner | None = None) -> Store:
@@ -56,4 +43,4 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path, keys: SigningKeys
     for store in made:
         store.close()
     if backend == "postgres":
-        PostgresStore(PG_DSN, schema).drop()
+        drop_schema(schema)

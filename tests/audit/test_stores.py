@@ -22,9 +22,9 @@ from idgate.audit.stores import PostgresStore, SqliteStore, Store
 from idgate.audit.verify import verify
 from idgate.audit.writer import AuditWriter
 from idgate.sts.keys import SigningKeys
-from tests.audit.conftest import PG_DSN, MakeStore
+from tests.audit.conftest import MakeStore
 from tests.conftest import MakeGateway, base_config
-from tests.support import TestIssuer, Upstream, raw_request
+from tests.support import PG_DSN, TestIssuer, Upstream, raw_request
 
 DAY = 86400.0
 

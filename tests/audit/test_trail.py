@@ -7,6 +7,7 @@ import hashlib
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ import pytest
 
 from idgate.audit.records import parse_traceparent
 from idgate.audit.stores import SqliteStore
-from tests.audit.conftest import BACKENDS, PG_DSN, unique_schema
+from tests.audit.conftest import BACKENDS
 from tests.conftest import UPSTREAM_KEY, MakeGateway, base_config
-from tests.support import Gateway, TestIssuer, Upstream, raw_request, wait_for
+from tests.support import PG_DSN, Gateway, TestIssuer, Upstream, drop_schema, raw_request, wait_for
 
 PROMPT = "the quarterly numbers for project bluebird"
+HI = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
 
 
 def traceparent() -> tuple[str, str, str]:
@@ -93,11 +95,10 @@ def test_refusals_leave_identity_and_decision_records(gateway: Gateway, issuer: 
 
 
 def test_a_malformed_traceparent_gets_a_new_trace(gateway: Gateway, issuer: TestIssuer) -> None:
-    body = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
     zero = "00-" + "0" * 32 + "-" + "1" * 16 + "-01"
     for bad in (zero, "00-xyz-abc-01", "ff-" + "a" * 32 + "-" + "b" * 16 + "-01"):
         headers = {"Authorization": f"Bearer {issuer.mint()}", "traceparent": bad}
-        response = raw_request(gateway.url, "POST", "/v1/chat/completions", body, headers)
+        response = raw_request(gateway.url, "POST", "/v1/chat/completions", HI, headers)
         assert response.status == 200
         records = of_request(gateway, response.headers["x-request-id"])
         traces = {r["trace_id"] for r in records}
@@ -141,75 +142,61 @@ def gateway_config(issuer: TestIssuer, upstream: Upstream, backend: str, schema:
     return config
 
 
+@pytest.fixture
+def trail_gateway(
+    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, backend: str, pg_schema: str
+) -> Iterator[Gateway]:
+    """A gateway whose trail is on `backend` (PostgreSQL: in `pg_schema`, dropped after it stops)."""
+    gateway = make_gateway(gateway_config(issuer, upstream, backend, pg_schema))
+    yield gateway
+    gateway.stop()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_2000_concurrent_requests_leave_2000_decisions(
-    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, backend: str
+    trail_gateway: Gateway, issuer: TestIssuer, upstream: Upstream
 ) -> None:
-    schema = unique_schema()
-    gateway = make_gateway(gateway_config(issuer, upstream, backend, schema))
-    try:
-        token = issuer.mint()
-        body = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
+    gateway = trail_gateway
+    headers = {"Authorization": f"Bearer {issuer.mint()}", "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
 
-            async def one() -> tuple[int, str]:
-                async with session.post(f"{gateway.url}/v1/chat/completions", data=body, headers=headers) as r:
-                    await r.read()
-                    return r.status, r.headers["x-request-id"]
+        async def one() -> tuple[int, str]:
+            async with session.post(f"{gateway.url}/v1/chat/completions", data=HI, headers=headers) as r:
+                await r.read()
+                return r.status, r.headers["x-request-id"]
 
-            answers = await asyncio.gather(*(one() for _ in range(2000)))
-        assert [status for status, _ in answers] == [200] * 2000
-        assert len(upstream.received) == 2000
-        assert gateway.app.audit.flush(20)
-        store = gateway.app.audit.store
-        decisions = [r for r in store.records(0, time.time() + 60, None, ("decision",))]
-        assert len(decisions) == 2000
-        assert {d["request_id"] for d in decisions} == {request_id for _, request_id in answers}
-        assert gateway.app.audit.batches < 2000  # requests shared transactions
-    finally:
-        gateway.stop()
-        if backend == "postgres":
-            from idgate.audit.stores import PostgresStore
-
-            PostgresStore(PG_DSN, schema).drop()
+        answers = await asyncio.gather(*(one() for _ in range(2000)))
+    assert [status for status, _ in answers] == [200] * 2000
+    assert len(upstream.received) == 2000
+    assert gateway.app.audit.flush(20)
+    store = gateway.app.audit.store
+    decisions = [r for r in store.records(0, time.time() + 60, None, ("decision",))]
+    assert len(decisions) == 2000
+    assert {d["request_id"] for d in decisions} == {request_id for _, request_id in answers}
+    assert gateway.app.audit.batches < 2000  # requests shared transactions
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_audit_store_that_cannot_commit_refuses_and_forwards_nothing(
-    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, backend: str
+    trail_gateway: Gateway, issuer: TestIssuer, upstream: Upstream, backend: str, pg_schema: str
 ) -> None:
-    schema = unique_schema()
-    gateway = make_gateway(gateway_config(issuer, upstream, backend, schema))
-    try:
-        token = issuer.mint()
-        body = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
-        headers = {"Authorization": f"Bearer {token}"}
-        assert raw_request(gateway.url, "POST", "/v1/chat/completions", body, headers).status == 200
-        assert gateway.app.audit.flush()
-        if backend == "sqlite":
-            with closing(sqlite3.connect(gateway.config.audit_path)) as connection, connection:
-                connection.execute("DROP TABLE audit_records")
-        else:
-            from idgate.audit.stores import PostgresStore
-
-            PostgresStore(PG_DSN, schema).drop()
-        for stream in (False, True):
-            payload = orjson.dumps(
-                {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-            )
-            refused = raw_request(gateway.url, "POST", "/v1/chat/completions", payload, headers)
-            assert refused.status == 503
-            assert "nothing was forwarded" in refused.json()["error"]["message"]
-        assert len(upstream.received) == 1  # nothing more went upstream
-        assert raw_request(gateway.url, "GET", "/readyz").status == 503
-    finally:
-        gateway.stop()
-        if backend == "postgres":
-            from idgate.audit.stores import PostgresStore
-
-            PostgresStore(PG_DSN, schema).drop()
+    gateway = trail_gateway
+    headers = {"Authorization": f"Bearer {issuer.mint()}"}
+    assert raw_request(gateway.url, "POST", "/v1/chat/completions", HI, headers).status == 200
+    assert gateway.app.audit.flush()
+    if backend == "sqlite":
+        with closing(sqlite3.connect(gateway.config.audit_path)) as connection, connection:
+            connection.execute("DROP TABLE audit_records")
+    else:
+        drop_schema(pg_schema)
+    for stream in (False, True):
+        payload = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+        refused = raw_request(gateway.url, "POST", "/v1/chat/completions", payload, headers)
+        assert refused.status == 503
+        assert "nothing was forwarded" in refused.json()["error"]["message"]
+    assert len(upstream.received) == 1  # nothing more went upstream
+    assert raw_request(gateway.url, "GET", "/readyz").status == 503
 
 
 def test_fail_open_reads_serves_model_lists_and_says_so_later(
@@ -218,13 +205,11 @@ def test_fail_open_reads_serves_model_lists_and_says_so_later(
     config = base_config(issuer, upstream)
     config["audit"] = {"fail_open_reads": True}
     gateway = make_gateway(config)
-    token = issuer.mint()
-    headers = {"Authorization": f"Bearer {token}"}
-    body = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
+    headers = {"Authorization": f"Bearer {issuer.mint()}"}
     assert gateway.app.audit.flush()
     with closing(sqlite3.connect(gateway.config.audit_path)) as connection, connection:
         connection.execute("DROP TABLE audit_records")
-    assert raw_request(gateway.url, "POST", "/v1/chat/completions", body, headers).status == 503  # never writes
+    assert raw_request(gateway.url, "POST", "/v1/chat/completions", HI, headers).status == 503  # never writes
     assert upstream.received == []
     for path in ("/v1/models", "/v1/models/gpt-test"):
         assert raw_request(gateway.url, "GET", path, headers=headers).status == 200  # reads go on, unrecorded

@@ -103,3 +103,22 @@ def test_a_malformed_test_file_is_refused(tmp_path: Path, body: str, message: st
     path.write_text(body)
     with pytest.raises(ConfigError, match=message):
         load_policy_tests(path)
+
+
+def test_a_case_may_name_an_mtls_caller(tmp_path: Path) -> None:
+    """A client certificate (X.509-SVID) is a credential kind a case can name, as the gateway sees it."""
+    caller = {"kind": "service", "id": "spiffe://demo/svc", "tenant": "demo", "credential": "x509-svid"}
+    path = write_cases(
+        tmp_path,
+        [
+            {
+                "caller": {**caller, "binding": "mtls"},
+                "action": "invoke_model",
+                "resource": {"model": "demo-chat"},
+                "expect": "allow",
+            }
+        ],
+    )
+    cases = load_policy_tests(path).cases
+    assert cases[0].caller.credential == "x509-svid"
+    assert run_policy_tests(path) == []
