@@ -282,6 +282,9 @@ class Gateway:
                 error = UpstreamError(f"upstream `{route.provider.name}` ended the stream early")
                 facts.error_code, facts.error = error.code, error.message
                 await send({"type": "http.response.body", "body": _error_event(error, facts), "more_body": True})
+            # The whole answer is out: a caller leaving now (clients hang up on an error event)
+            # changes nothing, so stop watching before the commit's await can be cancelled.
+            watcher.cancel()
             # The model record is committed before the response completes: a caller who has
             # the whole answer can find its record.
             await self._commit_quietly(self._finish(facts, 200))
