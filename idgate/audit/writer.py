@@ -71,6 +71,12 @@ def _settle(waiters: list[_Waiter], error: str | None) -> None:
                 waiter.future.set_exception(ServiceUnavailable(_UNAVAILABLE))
 
 
+def _expire(future: asyncio.Future[None]) -> None:
+    """A commit that took longer than `commit_timeout`: refused, as if the store had failed."""
+    if not future.done():
+        future.set_exception(ServiceUnavailable(_UNAVAILABLE))
+
+
 Sink = Callable[[list[dict[str, Any]]], None]
 """Called on the writer's thread with each committed batch (exports); must not raise."""
 
@@ -108,6 +114,7 @@ class AuditWriter:
         self._pending: deque[tuple[dict[str, Any], _Waiter | None]] = deque()
         self._retry: list[tuple[dict[str, Any], _Waiter | None]] = []
         self._wake = threading.Event()
+        self._kick_scheduled = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: str | None = None
@@ -145,13 +152,22 @@ class AuditWriter:
         for record in records:
             self._pending.append((record, waiter))
         self.emitted += len(records)
-        if not self._wake.is_set():
-            self._wake.set()
+        # why: the writer is woken once per turn of the loop, not once per commit, so the
+        # commits of every request handled in this turn share one transaction (group commit);
+        # waking it per call put each record alone in a transaction under load.
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        # why: a timer handle, not `asyncio.timeout()`: ~3 us instead of ~20 us per commit.
+        expiry = loop.call_later(self._commit_timeout, _expire, waiter.future)
         try:
-            async with asyncio.timeout(self._commit_timeout):
-                await waiter.future
-        except TimeoutError:
-            raise ServiceUnavailable(_UNAVAILABLE) from None
+            await waiter.future
+        finally:
+            expiry.cancel()
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        self._wake.set()
 
     def note_unrecorded_read(self) -> None:
         """A read served while the store was down (`audit.fail_open_reads`); on record when it is back."""
