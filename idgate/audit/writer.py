@@ -115,6 +115,10 @@ class AuditWriter:
         self._retry: list[tuple[dict[str, Any], _Waiter | None]] = []
         self._wake = threading.Event()
         self._kick_scheduled = False
+        # The writer's thread and an inline commit (see `commit`) take turns at the store.
+        self._lock = threading.Lock()
+        self._inline = isinstance(store, SqliteStore)  # a remote store's round trip stays off the loop
+        self._committing = 0  # commit() calls waiting on this writer
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: str | None = None
@@ -152,17 +156,27 @@ class AuditWriter:
         for record in records:
             self._pending.append((record, waiter))
         self.emitted += len(records)
-        # why: the writer is woken once per turn of the loop, not once per commit, so the
-        # commits of every request handled in this turn share one transaction (group commit);
-        # waking it per call put each record alone in a transaction under load.
-        if not self._kick_scheduled:
+        if self._inline and not self._committing and self._lock.acquire(blocking=False):
+            # Nobody else is waiting for a commit and the writer is idle: write the batch here,
+            # on the loop's thread (a local SQLite transaction, ~0.1 ms). why: handing it to the
+            # writer's thread and back cost ~0.15 ms more per commit, twice per request at c1.
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+        elif not self._kick_scheduled:
+            # why: the writer is woken once per turn of the loop, not once per commit, so the
+            # commits of every request handled in this turn share one transaction (group commit);
+            # waking it per call put each record alone in a transaction under load.
             self._kick_scheduled = True
             loop.call_soon(self._kick)
         # why: a timer handle, not `asyncio.timeout()`: ~3 us instead of ~20 us per commit.
         expiry = loop.call_later(self._commit_timeout, _expire, waiter.future)
+        self._committing += 1
         try:
             await waiter.future
         finally:
+            self._committing -= 1
             expiry.cancel()
 
     def _kick(self) -> None:
@@ -197,12 +211,14 @@ class AuditWriter:
             while not self._stop.is_set():
                 self._wake.wait(RETRY_SECONDS if self._error else self._interval)
                 self._wake.clear()
+                with self._lock:
+                    self._drain()
+                    if self._retention is not None and self._error is None and time.monotonic() >= self._next_prune:
+                        self._prune()
+            with self._lock:
                 self._drain()
-                if self._retention is not None and self._error is None and time.monotonic() >= self._next_prune:
-                    self._prune()
-            self._drain()
-            if self._error is None:
-                self.store.close_checkpoint()
+                if self._error is None:
+                    self.store.close_checkpoint()
         except Exception as exc:  # noqa: BLE001 - a bug here stops the gateway from acting
             self._fail(f"{type(exc).__name__}: {exc}")
         finally:
