@@ -237,6 +237,7 @@ class IdgateApp:
             store=self.lifecycle.liveness.store,
         )
         self.gateway = Gateway(
+            redact=classifier.redact if config.audit.record_content else None,
             gate=self.gate,
             authorizer=self.authorizer,
             admission=admission,

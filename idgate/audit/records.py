@@ -167,6 +167,8 @@ class RequestFacts:
     parameters: dict[str, Any] | None = None
     prompt_sha256: str | None = None
     completion: Any = None  # a hashlib sha256 object fed with the answer's bytes as relayed
+    prompt_text: str | None = None  # only with `audit.record_content`, redacted by the detectors
+    completion_text: str | None = None  # likewise
     forwarded: bool = False  # the identity and decision records are committed; the call went upstream
     admitted: Any = None  # what admission decided (idgate.proxy.admission.Admitted)
 
@@ -305,6 +307,9 @@ def model_record(facts: RequestFacts) -> dict[str, Any]:
             **_ending(facts),
         }
     )
+    if facts.prompt_text is not None or facts.completion_text is not None:  # `audit.record_content` only
+        record["prompt"] = facts.prompt_text
+        record["completion"] = facts.completion_text
     return record
 
 
@@ -392,6 +397,8 @@ _MODEL_FIELDS = (
     "findings",
     "prompt_sha256",
     "completion_sha256",
+    "prompt",
+    "completion",
     "usage",
     "first_byte_ms",
 )

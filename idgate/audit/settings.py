@@ -64,6 +64,11 @@ class AuditSettings(_Frozen):
     fail_open_reads: bool = Field(
         False, description="serve GET /v1/models while the store is down; how many were unrecorded goes on record"
     )
+    record_content: bool = Field(
+        False,
+        description="keep the prompt and completion text in model records, redacted by the detectors"
+        " (each at most 64 KiB); off: only their SHA-256",
+    )
     export: AuditExportSettings = AuditExportSettings()
 
     @field_validator("postgres_dsn")

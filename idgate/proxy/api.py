@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -38,6 +38,7 @@ from idgate.audit.records import (
     parse_traceparent,
 )
 from idgate.audit.writer import AuditWriter
+from idgate.classify.content import texts_of
 from idgate.config import ModelConfig
 from idgate.errors import BadRequest, IdgateError, UnknownModel, UpstreamError, shown
 from idgate.identity.gate import Gate
@@ -58,6 +59,8 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _DONE = b"data: [DONE]"
+CONTENT_LIMIT = 64 * 1024  # characters of prompt or completion kept with `audit.record_content`
+_STREAM_KEPT = 1 << 20  # bytes of a stream read for its text
 
 
 class Route:
@@ -82,8 +85,13 @@ class Gateway:
         pseudonyms: Pseudonyms,
         max_body_bytes: int,
         fail_open_reads: bool = False,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
-        """`fail_open_reads`: model listings are served (and counted) while the audit store is down."""
+        """`fail_open_reads`: model listings are served (and counted) while the audit store is down.
+
+        `redact`: with `audit.record_content`, the detectors' redaction; the model record then keeps
+        the prompt and completion text through it (at most `CONTENT_LIMIT` characters each).
+        """
         self._gate = gate
         self._authorizer = authorizer
         self._admission = admission
@@ -92,6 +100,7 @@ class Gateway:
         self._pseudonyms = pseudonyms
         self._max_body = max_body_bytes
         self._fail_open_reads = fail_open_reads
+        self._redact = redact
 
     # -- endpoints -----------------------------------------------------------------
 
@@ -154,6 +163,8 @@ class Gateway:
             route = self._route(body, kind, facts)
             self._admit(facts.caller, route, body, request, facts)
             facts.note_body(body)
+            if self._redact is not None:
+                facts.prompt_text = self._redact("\n".join(texts_of(body))[:CONTENT_LIMIT])
             # INVARIANT 6: who asked and the decision are committed before the upstream call;
             # a trail that cannot commit them refuses the call (503), and nothing is forwarded.
             await self._audit.commit(*self._before_forwarding(facts))
@@ -164,6 +175,8 @@ class Gateway:
                 return
             answer = await route.provider.complete(endpoint, upstream_body)
             facts.completion = hashlib.sha256(answer)
+            if self._redact is not None:
+                facts.completion_text = self._redact(_answer_text(answer)[:CONTENT_LIMIT])
             answer = self._inspect_answer(answer, facts)
             # INVARIANT: the model record is committed before the caller gets the answer;
             # if the trail cannot commit it, the caller gets a 503 instead.
@@ -304,9 +317,12 @@ class Gateway:
         chunk = first
         calls = _ToolCallScan()
         digest = facts.completion = hashlib.sha256()
+        kept = bytearray() if self._redact is not None else None  # the stream, for `audit.record_content`
         try:
             while True:
                 if chunk:
+                    if kept is not None and len(kept) < _STREAM_KEPT:
+                        kept += chunk
                     if b'"usage"' in chunk:
                         facts.usage = _stream_usage(tail + chunk) or facts.usage
                     names = calls.feed(chunk)
@@ -325,6 +341,8 @@ class Gateway:
             await send({"type": "http.response.body", "body": _error_event(error, facts), "more_body": True})
             return _DONE  # the error event ends the stream
         finally:
+            if kept is not None and self._redact is not None:
+                facts.completion_text = self._redact(_streamed_text(bytes(kept))[:CONTENT_LIMIT])
             await chunks.aclose()
 
     @staticmethod
@@ -452,3 +470,37 @@ class _ToolCallScan:
 
 def _error_event(error: IdgateError, facts: RequestFacts) -> bytes:
     return b"data: " + orjson.dumps(error_payload(error, facts.request_id)) + b"\n\n"
+
+
+def _answer_text(answer: bytes) -> str:
+    """The text of a chat completion's choices (empty for anything else)."""
+    try:
+        value = orjson.loads(answer)
+    except orjson.JSONDecodeError:
+        return ""
+    choices = value.get("choices") if isinstance(value, dict) else None
+    texts = [
+        choice["message"]["content"]
+        for choice in choices or ()
+        if isinstance(choice, dict)
+        and isinstance(choice.get("message"), dict)
+        and isinstance(choice["message"].get("content"), str)
+    ]
+    return "\n".join(texts)
+
+
+def _streamed_text(stream: bytes) -> str:
+    """The text of a chat completion stream: its events' `delta.content`, in order."""
+    texts: list[str] = []
+    for line in stream.splitlines():
+        if not line.startswith(b"data:") or line.strip() == _DONE:
+            continue
+        try:
+            event = orjson.loads(line[5:])
+        except orjson.JSONDecodeError:
+            continue  # an event cut by the size bound, or not JSON
+        for choice in (event.get("choices") if isinstance(event, dict) else None) or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                texts.append(delta["content"])
+    return "".join(texts)

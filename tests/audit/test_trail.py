@@ -77,6 +77,35 @@ def test_a_chat_leaves_linked_identity_decision_and_model_records(
     assert token.encode() not in on_disk and PROMPT.encode() not in on_disk
 
 
+def test_record_content_keeps_the_text_redacted_by_the_detectors(
+    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream
+) -> None:
+    """`audit.record_content`: prompt and completion text on record, what the detectors find redacted."""
+    config = base_config(issuer, upstream)
+    config["audit"] = {"record_content": True}
+    # A card number in the prompt: an internal model cleared for it may still see it.
+    config["providers"][0]["location"] = "internal"
+    for model in config["models"]:
+        model["max_data_class"] = "restricted"
+    gateway = make_gateway(config)
+    card, email = "4111 1111 1111 1111", "mallory@example.com"
+    prompt = f"{PROMPT}: charge {card}, mail {email}"
+    for stream, answer in ((False, "upstream says hi"), (True, "the upstream says hello")):
+        body = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": prompt}], "stream": stream})
+        response = raw_request(
+            gateway.url, "POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {issuer.mint()}"}
+        )
+        assert response.status == 200, response.json()
+        request_id = response.headers["x-request-id"]
+        wait_for(lambda: any(r["kind"] == "model" for r in of_request(gateway, request_id)))  # noqa: B023
+        (model,) = [r for r in of_request(gateway, request_id) if r["kind"] == "model"]
+        assert model["prompt"].startswith(PROMPT) and "[REDACTED:payment_card]" in model["prompt"]
+        assert "[REDACTED:email]" in model["prompt"]
+        assert model["completion"] == answer
+    trail = orjson.dumps(gateway.raw_records()).decode()
+    assert card not in trail and email not in trail and "4111" not in trail
+
+
 def test_refusals_leave_identity_and_decision_records(gateway: Gateway, issuer: TestIssuer) -> None:
     body = orjson.dumps({"model": "beta-only", "messages": [{"role": "user", "content": PROMPT}]})
     token = issuer.mint({"tenant": "acme"})
