@@ -16,7 +16,8 @@ from idgate.audit.trail import build_writer, config_loaded_record
 from idgate.audit.writer import AuditWriter
 from idgate.classify import Classifier
 from idgate.config import Config, IssuerConfig, SpiffeIssuerConfig, load_config
-from idgate.errors import IdgateError, MethodNotAllowed, NotFound, shown
+from idgate.errors import ConfigError, IdgateError, MethodNotAllowed, NotFound, shown
+from idgate.identity.allowed import Allowed, issuer_names
 from idgate.identity.authenticator import Authenticator
 from idgate.identity.devissuer import DevIssuer, dev_issuer_config
 from idgate.identity.dpop import DPoPCheck, build_verifier
@@ -127,6 +128,16 @@ def _providers(config: Config) -> dict[str, Provider]:
             key = config.reveal(item.api_key) if item.api_key is not None else None
             providers[item.name] = OpenAIProvider(item, key)
     return providers
+
+
+def _askers(config: Config, issuers: list[TokenIssuer]) -> Allowed:
+    """Who may ask the AuthZEN endpoints: `authzen.allowed_*`, each `ISSUER_NAME:VALUE`."""
+    try:
+        return Allowed(
+            config.authzen.allowed_subjects, config.authzen.allowed_groups, issuer_names(issuers), "authzen.allowed"
+        )
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
 
 
 def policy_store(config: Config) -> PolicyStore:
@@ -251,8 +262,7 @@ class IdgateApp:
             self.gate,
             self.authorizer,
             base_url=config.server.url,
-            allowed_subjects=config.authzen.allowed_subjects,
-            allowed_groups=config.authzen.allowed_groups,
+            askers=_askers(config, issuers),
             max_body_bytes=config.server.max_body_bytes,
         )
         self._routes: dict[str, dict[str, Handler]] = {

@@ -332,8 +332,8 @@ class PolicyConfig(_Frozen):
 class AuthZenConfig(_Frozen):
     """Who may ask for decisions at the AuthZEN endpoints."""
 
-    allowed_subjects: tuple[str, ...] = Field((), description="subject ids that may ask")
-    allowed_groups: tuple[str, ...] = Field(("authzen",), description="members of these groups may ask")
+    allowed_subjects: tuple[str, ...] = Field((), description="subjects that may ask, each `ISSUER_NAME:SUBJECT`")
+    allowed_groups: tuple[str, ...] = Field((), description="members of these groups may ask, each `ISSUER_NAME:GROUP`")
 
 
 # After `SecretRef`: the audit settings use it (see idgate/audit/settings.py).
@@ -501,6 +501,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "dev_issuer": {"enabled": True, "tenant": "demo"},
+    "authzen": {"allowed_groups": ["dev:authzen"]},
     "providers": [{"name": "demo", "type": "demo", "location": "internal"}],
     "models": [
         {"name": "demo-chat", "provider": "demo", "max_data_class": "confidential"},

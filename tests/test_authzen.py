@@ -10,9 +10,12 @@ import jsonschema
 import orjson
 import pytest
 
-from idgate.config import DEFAULT_CONFIG
+from idgate.app import build_app
+from idgate.config import DEFAULT_CONFIG, parse_config
+from idgate.errors import ConfigError
 from idgate.identity.devissuer import DevIssuer
-from tests.support import Gateway, raw_request
+from tests.conftest import MakeGateway, base_config
+from tests.support import Gateway, TestIssuer, Upstream, raw_request
 
 # The response shapes of the AuthZEN Authorization API 1.0 (sections 6 and 7).
 DECISION_SCHEMA: dict[str, Any] = {
@@ -156,6 +159,28 @@ def test_the_asker_must_be_authenticated_and_allowed(demo: Gateway) -> None:
     assert status == 401 and headers["www-authenticate"].startswith("Bearer")
     status, answer, _ = ask(demo, "/access/v1/evaluation", body, token(demo))  # not in the `authzen` group
     assert status == 403 and "may not ask" in answer["error"]["message"]
+
+
+def test_askers_are_named_with_their_issuer(make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream) -> None:
+    """A group of the same name at another trusted issuer does not make its members askers."""
+    config = {**base_config(issuer, upstream), "dev_issuer": {"enabled": True}}
+    config["authzen"] = {"allowed_groups": ["dev:authzen"], "allowed_subjects": ["corp:pep-7"]}
+    gateway = make_gateway(config)
+    body = {"subject": ALICE, "action": INVOKE, "resource": DEMO_CHAT}
+    status, answer, _ = ask(gateway, "/access/v1/evaluation", body, issuer.mint({"groups": ["authzen"]}))
+    assert status == 403 and "may not ask" in answer["error"]["message"]
+    status, _, _ = ask(gateway, "/access/v1/evaluation", body, token(gateway, "authzen"))
+    assert status == 200
+    status, _, _ = ask(gateway, "/access/v1/evaluation", body, issuer.mint({"sub": "pep-7"}))
+    assert status == 200
+    status, _, _ = ask(gateway, "/access/v1/evaluation", body, token(gateway, sub="pep-7"))  # same id, other issuer
+    assert status == 403
+
+
+def test_askers_must_name_a_configured_issuer(tmp_path: Path) -> None:
+    config = {**DEFAULT_CONFIG, "state": {"home": str(tmp_path)}, "authzen": {"allowed_groups": ["authzen"]}}
+    with pytest.raises(ConfigError, match=r"authzen\.allowed"):
+        build_app(parse_config(config))
 
 
 def test_bad_requests_and_the_request_id_echo(demo: Gateway) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from idgate.errors import BadRequest, Forbidden, IdgateError
+from idgate.identity.allowed import Allowed
 from idgate.identity.gate import Gate
 from idgate.identity.principal import Actor, Caller, Credential, Principal
 from idgate.policy.decision import Authorizer, Decision, Resource
@@ -156,15 +157,14 @@ class AuthZen:
         authorizer: Authorizer,
         *,
         base_url: str,
-        allowed_subjects: tuple[str, ...],
-        allowed_groups: tuple[str, ...],
+        askers: Allowed,
         max_body_bytes: int,
     ) -> None:
+        """`askers`: who may ask (config `authzen`, issuer-qualified)."""
         self._gate = gate
         self._authorizer = authorizer
         self._base = base_url
-        self._subjects = frozenset(allowed_subjects)
-        self._groups = frozenset(allowed_groups)
+        self._askers = askers
         self._max_body = max_body_bytes
 
     def configuration(self) -> dict[str, str]:
@@ -186,7 +186,7 @@ class AuthZen:
     async def _handle(self, request: Request, send: Send, *, batch: bool) -> None:
         try:
             asker = await self._gate.caller(request)
-            if asker.subject.id not in self._subjects and self._groups.isdisjoint(asker.subject.groups):
+            if not self._askers.admits(asker.subject):
                 raise Forbidden("this caller may not ask for decisions (config `authzen`)")
             body = await request.json_object(self._max_body)
             answer = evaluate_many(self._authorizer, body)[0] if batch else evaluate_one(self._authorizer, body)[0]

@@ -56,9 +56,10 @@ from idgate.errors import (
     ServiceUnavailable,
     shown,
 )
+from idgate.identity.allowed import Allowed, issuer_names
 from idgate.identity.authenticator import Authenticator
 from idgate.identity.gate import Gate
-from idgate.identity.issuers import OidcIssuer, SpiffeIssuer, TokenIssuer
+from idgate.identity.issuers import OidcIssuer, TokenIssuer
 from idgate.identity.keys import KeySet, file_loader, http_loader
 from idgate.identity.principal import Caller
 from idgate.proxy.http import Request, Send, send_bytes, send_error
@@ -68,7 +69,7 @@ from idgate.sts.errors import InvalidRequest, OAuthError, TemporarilyUnavailable
 from idgate.sts.exchange import parse_scope
 from idgate.sts.lifecycle_settings import BackchannelLogoutSettings, IntrospectionSettings, SsfSettings
 from idgate.sts.revocation import ANY_ISSUER, GATEWAY_ISSUER_NAME, HOLD_KINDS, Liveness
-from idgate.sts.tasks import Allowed, Tasks, caller_label, owner_actors
+from idgate.sts.tasks import Tasks, caller_label, owner_actors
 
 if TYPE_CHECKING:
     from idgate.config import Config
@@ -801,17 +802,6 @@ class Lifecycle:
         payload = {"error": code, "error_description": message}
         extra = (*NO_STORE, (b"www-authenticate", challenge))
         await send_bytes(send, status, orjson.dumps(payload), request_id, extra=extra)
-
-
-def issuer_names(issuers: Sequence[TokenIssuer]) -> dict[str, str]:
-    """Each trusted issuer's configured name, and the issuer its principals carry (`Principal.issuer`)."""
-    names: dict[str, str] = {}
-    for issuer in issuers:
-        if isinstance(issuer, OidcIssuer):
-            names[issuer.name] = issuer.issuer
-        elif isinstance(issuer, SpiffeIssuer):
-            names[issuer.name] = f"spiffe://{issuer.trust_domain}"
-    return names
 
 
 def build_lifecycle(

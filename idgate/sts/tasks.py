@@ -24,44 +24,17 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import orjson
 
-from idgate.identity.principal import Caller, Principal
+from idgate.identity.allowed import Allowed
+from idgate.identity.principal import Caller
 from idgate.store.base import StateStore, Task
 from idgate.sts.lifecycle_settings import TasksSettings
 from idgate.sts.revocation import Liveness
 
-__all__ = ["Allowed", "Tasks", "caller_label", "owner_actors"]
-
-
-class Allowed:
-    """A list of subjects and groups, each issuer-qualified (`ISSUER_NAME:VALUE`), and who is on it."""
-
-    def __init__(
-        self, subjects: tuple[str, ...], groups: tuple[str, ...], issuers: Mapping[str, str], what: str = "list"
-    ) -> None:
-        """`issuers`: each trusted issuer's name, and the issuer its principals carry (`Principal.issuer`).
-        Raises `ValueError` for an entry naming no such issuer (`what`: the config key, for the message)."""
-        self._subjects = frozenset(_resolve(subjects, issuers, f"{what}.subjects"))
-        self._groups = frozenset(_resolve(groups, issuers, f"{what}.groups"))
-
-    def admits(self, principal: Principal) -> bool:
-        if (principal.issuer, principal.id) in self._subjects:
-            return True
-        return bool(self._groups) and any((principal.issuer, group) in self._groups for group in principal.groups)
-
-
-def _resolve(entries: tuple[str, ...], issuers: Mapping[str, str], what: str) -> list[tuple[str, str]]:
-    resolved = []
-    for entry in entries:
-        name, _, value = entry.partition(":")
-        if name not in issuers:
-            known = ", ".join(sorted(issuers)) or "none"
-            raise ValueError(f"{what}: `{entry[:80]}` names issuer `{name}`, which is not configured ({known})")
-        resolved.append((issuers[name], value))
-    return resolved
+__all__ = ["Tasks", "caller_label", "owner_actors"]
 
 
 def owner_actors(task: Task) -> list[tuple[str | None, str]]:

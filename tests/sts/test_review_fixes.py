@@ -17,11 +17,11 @@ import pytest
 
 from idgate.config import parse_config
 from idgate.errors import ConfigError, InvalidToken
+from idgate.identity.allowed import Allowed
 from idgate.identity.principal import Actor, Caller, Credential, Principal
 from idgate.store.sqlite import SqliteStateStore
 from idgate.sts.exchange import MAX_PARENTS
 from idgate.sts.revocation import ANY_ISSUER, HELD, LIFTED, Liveness
-from idgate.sts.tasks import Allowed
 from tests.conftest import MakeGateway
 from tests.dpop_client import client_assertion
 from tests.sts.lifecycle_support import ADMIN, Client, agent, claims_of, human, lifecycle_config, start
