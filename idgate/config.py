@@ -29,6 +29,7 @@ from idgate.sts.lifecycle_settings import (
     LivenessSettings,
     SsfSettings,
     TasksSettings,
+    issuer_qualified,
 )
 from idgate.sts.settings import StsSettings
 from idgate.tls import TlsSettings, TrustedProxies, tls_problems
@@ -334,6 +335,8 @@ class AuthZenConfig(_Frozen):
 
     allowed_subjects: tuple[str, ...] = Field((), description="subjects that may ask, each `ISSUER_NAME:SUBJECT`")
     allowed_groups: tuple[str, ...] = Field((), description="members of these groups may ask, each `ISSUER_NAME:GROUP`")
+
+    _qualified = field_validator("allowed_subjects", "allowed_groups")(issuer_qualified)
 
 
 # After `SecretRef`: the audit settings use it (see idgate/audit/settings.py).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -177,9 +178,13 @@ def test_askers_are_named_with_their_issuer(make_gateway: MakeGateway, issuer: T
     assert status == 403
 
 
-def test_askers_must_name_a_configured_issuer(tmp_path: Path) -> None:
-    config = {**DEFAULT_CONFIG, "state": {"home": str(tmp_path)}, "authzen": {"allowed_groups": ["authzen"]}}
-    with pytest.raises(ConfigError, match=r"authzen\.allowed"):
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [("authzen", "must be `ISSUER:VALUE`"), ("nowhere:authzen", "names issuer `nowhere`, which is not configured")],
+)
+def test_askers_must_name_a_configured_issuer(tmp_path: Path, entry: str, problem: str) -> None:
+    config = {**DEFAULT_CONFIG, "state": {"home": str(tmp_path)}, "authzen": {"allowed_groups": [entry]}}
+    with pytest.raises(ConfigError, match=re.escape(problem)):
         build_app(parse_config(config))
 
 

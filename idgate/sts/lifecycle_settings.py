@@ -19,6 +19,7 @@ __all__ = [
     "SsfSettings",
     "SsfTransmitter",
     "TasksSettings",
+    "issuer_qualified",
 ]
 
 
@@ -26,7 +27,7 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _qualified(values: tuple[str, ...]) -> tuple[str, ...]:
+def issuer_qualified(values: tuple[str, ...]) -> tuple[str, ...]:
     """Each entry `ISSUER:VALUE`: the name of a configured issuer (or `idgate`, `dev`), then a subject id or
     a group. A subject id alone is refused: the same id from another trusted issuer is someone else."""
     for value in values:
@@ -76,7 +77,7 @@ class AdminSettings(_Frozen):
         (), description="members of these groups are administrators, each `ISSUER:GROUP` (issuer by name)"
     )
 
-    _qualified = field_validator("subjects", "groups")(_qualified)
+    _qualified = field_validator("subjects", "groups")(issuer_qualified)
 
 
 class IntrospectionSettings(_Frozen):
@@ -89,7 +90,7 @@ class IntrospectionSettings(_Frozen):
         (), description="members of these groups may introspect, each `ISSUER:GROUP` (issuer by name)"
     )
 
-    _qualified = field_validator("allowed_subjects", "allowed_groups")(_qualified)
+    _qualified = field_validator("allowed_subjects", "allowed_groups")(issuer_qualified)
 
 
 class BackchannelLogoutSettings(_Frozen):
