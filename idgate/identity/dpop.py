@@ -38,7 +38,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -57,6 +56,7 @@ from idgate.errors import InvalidToken, shown
 from idgate.identity.principal import Caller
 from idgate.identity.replay import ReplayCache
 from idgate.proxy.http import Request
+from idgate.store.keyfile import state_key
 from idgate.sts.client_settings import PRIVATE_MEMBERS, DPoPSettings
 
 __all__ = [
@@ -248,24 +248,8 @@ class Nonces:
 
     @classmethod
     def from_state(cls, home: Path, lifetime: float, clock: Callable[[], float] = time.time) -> Nonces:
-        """The nonce key in `home` (created once, race-safe across workers, mode 0600)."""
-        path = home / NONCE_FILE
-        if not path.exists():
-            home.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(os.urandom(32))
-            try:
-                os.link(tmp, path)  # the first worker's key wins
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
-        secret = path.read_bytes()
-        if len(secret) < 32:
-            raise OSError(f"DPoP nonce key `{path}` is too short")
-        return cls(secret, lifetime, clock)
+        """The nonce key in `home` (created once, shared by every worker, mode 0600)."""
+        return cls(state_key(home, NONCE_FILE), lifetime, clock)
 
     def _mac(self, stamp: bytes) -> bytes:
         return hmac.new(self._secret, b"dpop-nonce\0" + stamp, hashlib.sha256).digest()[:16]

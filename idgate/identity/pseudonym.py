@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
 from pathlib import Path
 
 from idgate.identity.principal import Principal
+from idgate.store.keyfile import state_key
 
 __all__ = ["Pseudonyms"]
 
@@ -30,20 +29,7 @@ class Pseudonyms:
 
     @classmethod
     def from_state(cls, home: Path) -> Pseudonyms:
-        path = home / "pseudonym.key"
-        if not path.exists():
-            home.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_hex(32))
-            try:
-                os.link(tmp, path)  # first writer wins; other workers read its key
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
-        return cls(bytes.fromhex(path.read_text().strip()))
+        return cls(state_key(home, "pseudonym.key"))
 
     def of(self, principal: Principal) -> str:
         who = (principal.issuer, principal.id)

@@ -19,33 +19,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
-import secrets
 from pathlib import Path
 
 from idgate.identity.principal import Caller
+from idgate.store.keyfile import state_key
 
 __all__ = ["KEY_FILE", "SessionIds"]
 
 KEY_FILE = "mcp-session.key"
-
-
-def _state_key(home: Path, name: str) -> bytes:
-    """The 32-byte key in `home/name`, created (mode 0600) by the first worker that needs it."""
-    path = home / name
-    if not path.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32))
-        try:
-            os.link(tmp, path)  # the first writer wins; every other worker reads its key
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return bytes.fromhex(path.read_text().strip())
 
 
 class SessionIds:
@@ -58,7 +39,7 @@ class SessionIds:
 
     @classmethod
     def from_state(cls, home: Path) -> SessionIds:
-        return cls(_state_key(home, KEY_FILE))
+        return cls(state_key(home, KEY_FILE))
 
     def _mac(self, server: str, caller: Caller, upstream_id: str) -> str:
         message = "\0".join((server, caller.subject.issuer, caller.subject.id, upstream_id)).encode()
