@@ -61,6 +61,7 @@ import cpu
 import install
 import loadgen
 import procs
+import report
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
@@ -69,7 +70,7 @@ REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results" / "sts.json"
 
 GOAL_EXCHANGES_PER_SECOND = 1_000.0
-NOISY_OTHER_CPU_PCT = 5.0
+NOISY_OTHER_CPU_PCT = report.NOISY_OTHER_CPU_PCT
 
 ISSUER = "https://idp.bench.example"
 TRUST_DOMAIN = "agents.bench.example"
@@ -301,11 +302,8 @@ class Cell:
 def measure(
     url: str, script: Path, workload: str, n: int, seconds: float, gateway_pid: int, load_cpu: int | None
 ) -> Cell:
-    before = cpu.Snapshot.take([gateway_pid], [])
-    started = time.monotonic()
-    result = loadgen.run_wrk(url, script, connections=n, seconds=seconds, cpu=load_cpu)
-    wall = time.monotonic() - started
-    used = cpu.Usage.between(before, cpu.Snapshot.take([gateway_pid], []))
+    with cpu.Window([gateway_pid], []) as window:
+        result = loadgen.run_wrk(url, script, connections=n, seconds=seconds, cpu=load_cpu)
     return Cell(
         workload=workload,
         concurrency=n,
@@ -314,16 +312,13 @@ def measure(
         p99_ms=result.p99_ms,
         requests=result.requests,
         errors=result.errors,
-        gateway_cpu_us=used.gateway / max(result.requests, 1) * 1e6,
-        other_cpu_pct=used.other / wall * 100,
+        gateway_cpu_us=window.gateway_us(result.requests),
+        other_cpu_pct=window.other_pct,
     )
 
 
 def wait_quiet(gateway_pid: int, budget: float = 10.0) -> None:
-    deadline = time.monotonic() + budget
-    while time.monotonic() < deadline:
-        if cpu.other_share([gateway_pid], [], window=0.5) * 100 <= NOISY_OTHER_CPU_PCT:
-            return
+    cpu.wait_quiet([gateway_pid], [], budget, NOISY_OTHER_CPU_PCT)
 
 
 def show(cell: Cell) -> None:
