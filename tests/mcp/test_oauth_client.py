@@ -17,30 +17,10 @@ from joserfc.jwk import RSAKey
 from mcp import Client
 from mcp.client.auth.extensions.client_credentials import PrivateKeyJWTOAuthProvider, SignedJWTParameters
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
 from tests.mcp.conftest import MakeMcpGateway
 from tests.mcp.toolserver import ToolServer
-
-
-class Memory:
-    """Token storage of one client, in memory."""
-
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client = client_info
+from tests.sts.test_clients import MemoryStorage
 
 
 async def test_sdk_oauth_client_gets_a_token_by_itself(
@@ -57,7 +37,7 @@ async def test_sdk_oauth_client_gets_a_token_by_itself(
     pem = key.private_key.private_bytes(  # type: ignore[union-attr]
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
-    storage = Memory()
+    storage = MemoryStorage()
     auth = PrivateKeyJWTOAuthProvider(
         server_url=f"{gateway.url}/mcp/tools",
         storage=storage,

@@ -404,6 +404,8 @@ def test_every_oauth_error_has_an_rfc_code_and_echoes_no_secret(
 
 
 class MemoryStorage(TokenStorage):
+    """Token storage of one MCP SDK OAuth client, in memory (also used by tests/mcp)."""
+
     def __init__(self) -> None:
         self.tokens: OAuthToken | None = None
         self.client: OAuthClientInformationFull | None = None
