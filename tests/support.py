@@ -12,6 +12,7 @@ import http.client
 import os
 import secrets
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -29,7 +30,7 @@ from joserfc.jwk import ECKey, RSAKey
 from psycopg import sql
 
 from idgate.app import IdgateApp, build_app
-from idgate.audit.records import stories
+from idgate.audit.records import action_record, stories
 from idgate.audit.writer import read_records
 from idgate.config import Config, parse_config, with_listen
 
@@ -378,6 +379,23 @@ def unique_schema(prefix: str = "idgate_test") -> str:
 def drop_schema(schema: str) -> None:
     with psycopg.connect(PG_DSN, autocommit=True) as connection:
         connection.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def break_audit_trail(gateway: Gateway) -> None:
+    """Take the SQLite trail's table away under the writer and give it a record to move: the store fails.
+
+    (A call's own records would do too, but they are durable in the commit journal first, so that
+    call may go through: `tests/audit/test_journal.py` has that half.)
+    """
+    assert gateway.app.audit.flush()
+    connection = sqlite3.connect(gateway.config.audit_path)
+    try:
+        connection.execute("DROP TABLE audit_records")
+        connection.commit()
+    finally:
+        connection.close()
+    gateway.app.audit.emit(action_record("test-break", None, None, "config_loaded", "test", "ok", {}))
+    wait_for(lambda: not gateway.app.audit.healthy)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import orjson
 import pytest
 
 from tests.conftest import UPSTREAM_KEY, MakeGateway, base_config
-from tests.support import Gateway, RawResponse, TestIssuer, Upstream, raw_request, wait_for
+from tests.support import Gateway, RawResponse, TestIssuer, Upstream, break_audit_trail, raw_request
 
 LIMIT = 1024
 CHAT: dict[str, Any] = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
@@ -204,23 +203,10 @@ def test_health_and_readiness(gateway: Gateway) -> None:
 # -- failing closed when the audit trail cannot record ----------------------------------------------
 
 
-def break_audit_store(gateway: Gateway, token: str) -> None:
-    """Take the table away under the writer, then give it a record to write: the store fails."""
-    gateway.app.audit.flush()
-    connection = sqlite3.connect(gateway.config.audit_path)
-    try:
-        connection.execute("DROP TABLE audit_records")
-        connection.commit()
-    finally:
-        connection.close()
-    assert call(gateway, token, None, "/v1/models", "GET").status == 503  # its record cannot be committed
-    wait_for(lambda: raw_request(gateway.url, "GET", "/readyz").status == 503)
-
-
 def test_a_failed_audit_store_fails_closed(gateway: Gateway, upstream: Upstream, token: str) -> None:
     assert call(gateway, token, orjson.dumps(CHAT)).status == 200
     assert len(upstream.received) == 1
-    break_audit_store(gateway, token)
+    break_audit_trail(gateway)
 
     ready = raw_request(gateway.url, "GET", "/readyz")
     assert ready.json() == {"status": "not ready", "checks": {"audit": False, "liveness": True}}
@@ -291,10 +277,13 @@ def test_every_response_names_its_audit_record_and_no_record_holds_a_secret(
         assert secret not in trail
     for signature in (token.rsplit(".", 1)[1], forged.rsplit(".", 1)[1]):
         assert signature not in trail
-    # ... nor in the store's files as written on disk.
+    # ... nor in the store's files as written on disk (the commit journal's included).
     gateway.app.audit.flush()
     path = gateway.config.audit_path
-    stored = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+    files = [p for p in path.parent.glob(path.name + "*") if p.is_file()]
+    files += list(path.with_name(path.name + ".pending").iterdir())
+    assert any(p.suffix == ".jsonl" for p in files)
+    stored = b"".join(p.read_bytes() for p in files)
     for secret in (token, not_a_jwt, UPSTREAM_KEY):
         assert secret.encode() not in stored
     assert upstream.received and token not in str(upstream.received)

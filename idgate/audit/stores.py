@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from idgate.audit.chain import GENESIS, CheckpointSigner, link
+from idgate.audit.chain import GENESIS, CheckpointSigner, canonical, link
 
 __all__ = [
     "DEFAULT_CHECKPOINT_EVERY",
@@ -54,7 +54,8 @@ class Store(Protocol):
     """An audit trail's storage; `open`, `append`, `close_checkpoint`, `ping`, `prune` and `close` write."""
 
     def open(self) -> None: ...
-    def append(self, records: list[dict[str, Any]]) -> None: ...
+    def append(self, records: list[dict[str, Any]], bodies: list[bytes] | None = None) -> None:
+        """Chain and insert `records` (with their canonical bytes, if known) in one transaction."""
 
     def close_checkpoint(self) -> None: ...
     def ping(self) -> None: ...
@@ -68,11 +69,16 @@ class Store(Protocol):
     def request_records(self, request_id: str) -> list[dict[str, Any]]: ...
 
 
-def _rows(records: list[dict[str, Any]], seq: int, prev: str) -> tuple[list[tuple[Any, ...]], int, str]:
-    """The rows to insert after head (`seq`, `prev`), and the new head."""
+def _rows(
+    records: list[dict[str, Any]], bodies: list[bytes] | None, seq: int, prev: str
+) -> tuple[list[tuple[Any, ...]], int, str]:
+    """The rows to insert after head (`seq`, `prev`), and the new head.
+
+    `bodies` are the records' canonical bytes when the caller has them already (the journal's lines).
+    """
     rows = []
-    for r in records:
-        body = orjson.dumps(r, option=orjson.OPT_SORT_KEYS)  # the canonical bytes (chain.canonical)
+    for i, r in enumerate(records):
+        body = bodies[i] if bodies is not None else canonical(r)
         digest = link(prev, body)
         seq += 1
         subject = r.get("subject")
@@ -86,7 +92,7 @@ def _rows(records: list[dict[str, Any]], seq: int, prev: str) -> tuple[list[tupl
 
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_records (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
     kind TEXT NOT NULL,
     time REAL NOT NULL,
@@ -103,6 +109,10 @@ CREATE TABLE IF NOT EXISTS audit_checkpoints (
     hash TEXT NOT NULL,
     time REAL NOT NULL,
     jws TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_journals (
+    name TEXT PRIMARY KEY,
+    position INTEGER NOT NULL
 );
 """
 
@@ -144,8 +154,11 @@ class SqliteStore:
             raise RuntimeError("the store is not open")
         return self._connection
 
-    def append(self, records: list[dict[str, Any]]) -> None:
-        if not records:
+    def append(
+        self, records: list[dict[str, Any]], bodies: list[bytes] | None = None, journals: dict[str, int] | None = None
+    ) -> None:
+        """Chain and insert `records`; with `journals`, also note how far into each journal file they reach."""
+        if not records and not journals:
             return
         connection = self._writer()
         # INVARIANT: the head is read and extended under one write lock, so no other
@@ -153,12 +166,19 @@ class SqliteStore:
         connection.execute("BEGIN IMMEDIATE")
         try:
             seq, prev = self._head(connection)
-            rows, seq, prev = _rows(records, seq, prev)
+            rows, seq, prev = _rows(records, bodies, seq, prev)
             connection.executemany(
                 "INSERT INTO audit_records (seq, request_id, kind, time, subject, record, prev_hash, hash)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            if journals:
+                # INVARIANT: in the same transaction as the records, so a journal line is moved exactly once
+                connection.executemany(
+                    "INSERT INTO audit_journals (name, position) VALUES (?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+                    journals.items(),
+                )
             if self._sign is not None and seq - self._last_checkpoint(connection) >= self._checkpoint_every:
                 self._checkpoint(connection, seq, prev)
             connection.execute("COMMIT")
@@ -205,6 +225,18 @@ class SqliteStore:
 
     def ping(self) -> None:
         self._writer().execute("SELECT 1 FROM audit_records LIMIT 0").fetchall()
+
+    def journal_position(self, name: str) -> int:
+        """How far into journal file `name` the trail reaches (0: not at all)."""
+        row = self._writer().execute("SELECT position FROM audit_journals WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def forget_journals(self, gone: list[str]) -> None:
+        """Drop the positions of journal files that no longer exist (names are never reused)."""
+        self._writer().executemany("DELETE FROM audit_journals WHERE name = ?", [(name,) for name in gone])
+
+    def journal_names(self) -> list[str]:
+        return [row[0] for row in self._writer().execute("SELECT name FROM audit_journals")]
 
     def prune(self, before: float) -> int:
         """Delete records older than `before` up to the last checkpoint there, kept as the anchor; how many."""
@@ -401,7 +433,7 @@ class PostgresStore:
             (seq, digest, now, token),
         )
 
-    def append(self, records: list[dict[str, Any]]) -> None:
+    def append(self, records: list[dict[str, Any]], bodies: list[bytes] | None = None) -> None:
         if not records:
             return
         connection = self._writer()
@@ -410,7 +442,7 @@ class PostgresStore:
                 # INVARIANT: one writer at a time extends the chain; readers are not blocked.
                 connection.execute(self._sql("LOCK TABLE @records IN EXCLUSIVE MODE"))
                 seq, prev = self._head(connection)
-                rows, seq, prev = _rows(records, seq, prev)
+                rows, seq, prev = _rows(records, bodies, seq, prev)
                 with connection.cursor() as cursor:
                     cursor.executemany(
                         self._sql(

@@ -5,20 +5,27 @@ Two ways in:
 - `emit(record)` appends to a queue and returns: the record is committed with
   the next batch (within `flush_interval` seconds). For what is written after
   the fact (how a request ended, an action taken).
-- `await commit(*records)` appends and wakes the writer, and resolves when the
-  batch holding the records is committed: the group commit that puts a
+- `await commit(*records)` returns once the records are durable: what puts a
   request's decision on record *before* its upstream call (invariant 6).
-  Concurrent requests share one transaction; a commit that fails or takes
-  longer than `commit_timeout` raises `ServiceUnavailable`.
+  - For a SQLite trail (the default), durable means appended to this process's
+    commit journal (`idgate.audit.journal`): one `write(2)`, no transaction
+    on the request path; the writer moves them into the trail with the next
+    batch, and a restart after a crash moves what a dead process left.
+  - For PostgreSQL, durable means in the database: the writer is woken once
+    per turn of the event loop, so the commits of every request handled in
+    that turn share one transaction (group commit), and `commit` resolves when
+    it is committed; a commit that fails or takes longer than
+    `commit_timeout` raises `ServiceUnavailable`.
 
 A background thread writes each batch in one transaction of its `Store`
 (SQLite by default, PostgreSQL: `idgate.audit.stores`). If the store fails,
 the writer turns unhealthy and `emit()` / `commit()` refuse: the gateway fails
 closed rather than act unrecorded. The records that were already past (how
-requests ended) are retried until the store takes them; the records of a
-commit that failed are dropped, as their requests were refused. When the
-store is back, the writer is healthy again, and it records how many reads
-went unrecorded meanwhile (`note_unrecorded_read`, for `fail_open_reads`).
+requests ended, and everything journaled) are retried until the store takes
+them; the records of a PostgreSQL commit that failed are dropped, as their
+requests were refused. When the store is back, the writer is healthy again,
+and it records how many reads went unrecorded meanwhile
+(`note_unrecorded_read`, for `fail_open_reads`).
 
 The store chains each record to the one before it (`idgate.audit.chain`),
 taking the head inside the batch's own write transaction, so several
@@ -37,7 +44,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from idgate.audit.chain import CheckpointSigner
+import orjson
+
+from idgate.audit.chain import CheckpointSigner, canonical
+from idgate.audit.journal import Journal, journal_folder, left_over
 from idgate.audit.records import action_record
 from idgate.audit.stores import DEFAULT_CHECKPOINT_EVERY, SqliteStore, Store, read_records
 from idgate.errors import ServiceUnavailable
@@ -61,6 +71,19 @@ class _Waiter:
         self.future = future
 
 
+def _parse(journal: str, position: int, line: bytes) -> dict[str, Any]:
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"audit journal `{journal}`: the line at byte {position} is not a record; the file was altered."
+            " Keep it for review and move it out of the journal folder to start."
+        )
+    return record
+
+
 def _settle(waiters: list[_Waiter], error: str | None) -> None:
     """On the waiters' loop: resolve (or fail) each future still waiting."""
     for waiter in waiters:
@@ -80,12 +103,17 @@ def _expire(future: asyncio.Future[None]) -> None:
 Sink = Callable[[list[dict[str, Any]]], None]
 """Called on the writer's thread with each committed batch (exports); must not raise."""
 
+_Item = tuple[dict[str, Any], bytes | None, _Waiter | None, tuple[str, int] | None]
+"""A queued record: its canonical bytes (if journaled), its `commit()` call (PostgreSQL), its journal mark."""
+
+RECOVER_BATCH = 5000  # records of a left-over journal moved per transaction
+
 
 class AuditWriter:
     def __init__(
         self,
         path: Path | None = None,
-        flush_interval: float = 0.005,
+        flush_interval: float = 0.05,
         *,
         sign: CheckpointSigner | None = None,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
@@ -110,15 +138,13 @@ class AuditWriter:
         self._sinks = sinks
         self._retention = retention_seconds
         self._next_prune = 0.0
-        # (record, waiter): a record with a waiter belongs to a commit() call.
-        self._pending: deque[tuple[dict[str, Any], _Waiter | None]] = deque()
-        self._retry: list[tuple[dict[str, Any], _Waiter | None]] = []
+        self._pending: deque[_Item] = deque()
+        self._retry: list[_Item] = []
         self._wake = threading.Event()
         self._kick_scheduled = False
-        # The writer's thread and an inline commit (see `commit`) take turns at the store.
-        self._lock = threading.Lock()
-        self._inline = isinstance(store, SqliteStore)  # a remote store's round trip stays off the loop
-        self._committing = 0  # commit() calls waiting on this writer
+        # why: a local trail's commits go to a journal beside it (same disk, same durability);
+        # a remote store's commits go to the store itself, or they would not survive this machine.
+        self.journal = Journal(journal_folder(store.path)) if isinstance(store, SqliteStore) else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: str | None = None
@@ -134,6 +160,9 @@ class AuditWriter:
 
     def start(self) -> None:
         self.store.open()  # fail at start, not on the first request
+        if self.journal is not None:
+            self._recover()
+            self.journal.open()
         self._thread = threading.Thread(target=self._run, name="idgate-audit", daemon=True)
         self._thread.start()
 
@@ -145,26 +174,21 @@ class AuditWriter:
     def emit(self, record: dict[str, Any]) -> None:
         """Queue `record` for the next batch; `ServiceUnavailable` if the trail cannot take it."""
         self.check()
-        self._pending.append((record, None))
+        self._pending.append((record, None, None, None))
         self.emitted += 1
 
     async def commit(self, *records: dict[str, Any]) -> None:
-        """Queue `records` and return once they are committed; `ServiceUnavailable` if they are not."""
+        """Return once `records` are durable (journal or store); `ServiceUnavailable` if they are not."""
         self.check()
+        if self.journal is not None:
+            self._journal(records)
+            return
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop, loop.create_future())
         for record in records:
-            self._pending.append((record, waiter))
+            self._pending.append((record, None, waiter, None))
         self.emitted += len(records)
-        if self._inline and not self._committing and self._lock.acquire(blocking=False):
-            # Nobody else is waiting for a commit and the writer is idle: write the batch here,
-            # on the loop's thread (a local SQLite transaction, ~0.1 ms). why: handing it to the
-            # writer's thread and back cost ~0.15 ms more per commit, twice per request at c1.
-            try:
-                self._drain()
-            finally:
-                self._lock.release()
-        elif not self._kick_scheduled:
+        if not self._kick_scheduled:
             # why: the writer is woken once per turn of the loop, not once per commit, so the
             # commits of every request handled in this turn share one transaction (group commit);
             # waking it per call put each record alone in a transaction under load.
@@ -172,12 +196,25 @@ class AuditWriter:
             loop.call_soon(self._kick)
         # why: a timer handle, not `asyncio.timeout()`: ~3 us instead of ~20 us per commit.
         expiry = loop.call_later(self._commit_timeout, _expire, waiter.future)
-        self._committing += 1
         try:
             await waiter.future
         finally:
-            self._committing -= 1
             expiry.cancel()
+
+    def _journal(self, records: tuple[dict[str, Any], ...]) -> None:
+        assert self.journal is not None
+        bodies = [canonical(record) for record in records]
+        try:
+            mark = self.journal.append(b"\n".join(bodies) + b"\n")
+        except OSError as exc:
+            log.error("audit journal append failed, refusing the request: %s", exc)
+            raise ServiceUnavailable(_UNAVAILABLE) from None
+        # INVARIANT: queued in journal order, with no await between the append and here,
+        # so a batch reaches a prefix of each journal file (its mark is the batch's last).
+        last = len(records) - 1
+        for i, record in enumerate(records):
+            self._pending.append((record, bodies[i], None, mark if i == last else None))
+        self.emitted += len(records)
 
     def _kick(self) -> None:
         self._kick_scheduled = False
@@ -188,10 +225,17 @@ class AuditWriter:
         self._unrecorded.append(time.time())
 
     def close(self, timeout: float = 5.0) -> None:
+        if self.journal is not None:
+            self.journal.seal()  # a commit from now on is refused: the last batch will hold everything
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.journal is not None:
+            # Everything journaled is in the trail unless the writer failed or is stuck:
+            # then the files stay, and the next start moves them.
+            stuck = self._thread is not None and self._thread.is_alive()
+            self.journal.close(settled=not stuck and self._error is None)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until what was emitted so far is committed (tests, shutdown); False if it was not."""
@@ -201,7 +245,7 @@ class AuditWriter:
         while self.written + self.dropped < target:
             if not self.healthy or time.monotonic() > deadline:
                 return False
-            time.sleep(self._interval / 4)
+            time.sleep(min(self._interval / 4, 0.002))
         return True
 
     # -- the writer's thread ---------------------------------------------------------
@@ -211,14 +255,12 @@ class AuditWriter:
             while not self._stop.is_set():
                 self._wake.wait(RETRY_SECONDS if self._error else self._interval)
                 self._wake.clear()
-                with self._lock:
-                    self._drain()
-                    if self._retention is not None and self._error is None and time.monotonic() >= self._next_prune:
-                        self._prune()
-            with self._lock:
                 self._drain()
-                if self._error is None:
-                    self.store.close_checkpoint()
+                if self._retention is not None and self._error is None and time.monotonic() >= self._next_prune:
+                    self._prune()
+            self._drain()
+            if self._error is None:
+                self.store.close_checkpoint()
         except Exception as exc:  # noqa: BLE001 - a bug here stops the gateway from acting
             self._fail(f"{type(exc).__name__}: {exc}")
         finally:
@@ -229,7 +271,7 @@ class AuditWriter:
                 if close is not None:
                     close()
 
-    def _take(self) -> list[tuple[dict[str, Any], _Waiter | None]]:
+    def _take(self) -> list[_Item]:
         batch = self._retry
         self._retry = []
         pop = self._pending.popleft
@@ -247,15 +289,22 @@ class AuditWriter:
                 self._probe()
             return
         records = [item[0] for item in batch]
+        bodies = [item[1] or canonical(item[0]) for item in batch]
         if self._error is None and self._unrecorded:
-            records.append(self._unrecorded_record())
+            late = self._unrecorded_record()
+            records.append(late)
+            bodies.append(canonical(late))
+        marks = {item[3][0]: item[3][1] for item in batch if item[3] is not None}
         try:
-            self.store.append(records)
+            if isinstance(self.store, SqliteStore):
+                self.store.append(records, bodies, marks)
+            else:
+                self.store.append(records, bodies)
         except Exception as exc:  # noqa: BLE001 - any failure to record stops the gateway from acting
             self._fail(f"{type(exc).__name__}: {exc}")
-            # Records of requests that already went on are kept for the next try; those
-            # of a commit() are dropped: their requests are refused.
-            self._retry = [item for item in batch if item[1] is None]
+            # Records of requests that already went on (emitted or journaled) are kept for the
+            # next try; those of a PostgreSQL commit() are dropped: their requests are refused.
+            self._retry = [item for item in batch if item[2] is None]
             self.dropped += len(batch) - len(self._retry)
             self._fail_waiters(batch)
             return
@@ -266,8 +315,30 @@ class AuditWriter:
             self._unrecorded.clear()
         self.written += len(batch)
         self.batches += 1
+        if marks and self.journal is not None:
+            self.journal.settled(marks)
         self._resolve(batch)
         self._export(records)
+
+    def _recover(self) -> None:
+        """Move into the trail what stopped processes left in their journals (at start, before serving)."""
+        store = self.store
+        assert isinstance(store, SqliteStore) and self.journal is not None
+        moved = 0
+        for left in left_over(self.journal.folder):
+            position = store.journal_position(left.name)
+            lines = left.lines(position)
+            for start in range(0, len(lines), RECOVER_BATCH):
+                chunk = lines[start : start + RECOVER_BATCH]
+                records = [_parse(left.name, position, line) for line in chunk]
+                position += sum(len(line) + 1 for line in chunk)
+                store.append(records, chunk, {left.name: position})
+            moved += len(lines)
+            left.remove()
+        gone = [name for name in store.journal_names() if not (self.journal.folder / name).exists()]
+        store.forget_journals(gone)
+        if moved:
+            log.warning("audit: moved %d records from journals of processes that stopped into the trail", moved)
 
     def _export(self, records: list[dict[str, Any]]) -> None:
         for sink in self._sinks:
@@ -314,22 +385,22 @@ class AuditWriter:
         self._error = error
 
     @staticmethod
-    def _group(batch: list[tuple[dict[str, Any], _Waiter | None]]) -> dict[asyncio.AbstractEventLoop, list[_Waiter]]:
+    def _group(batch: list[_Item]) -> dict[asyncio.AbstractEventLoop, list[_Waiter]]:
         by_loop: dict[asyncio.AbstractEventLoop, list[_Waiter]] = {}
         last: _Waiter | None = None
-        for _, waiter in batch:
+        for _, _, waiter, _ in batch:
             if waiter is not None and waiter is not last:
                 by_loop.setdefault(waiter.loop, []).append(waiter)
                 last = waiter
         return by_loop
 
-    def _resolve(self, batch: list[tuple[dict[str, Any], _Waiter | None]]) -> None:
+    def _resolve(self, batch: list[_Item]) -> None:
         # why: one call into each loop per batch, not one per waiter
         for loop, waiters in self._group(batch).items():
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_settle, waiters, None)
 
-    def _fail_waiters(self, batch: list[tuple[dict[str, Any], _Waiter | None]]) -> None:
+    def _fail_waiters(self, batch: list[_Item]) -> None:
         for loop, waiters in self._group(batch).items():
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_settle, waiters, self._error or "closed")

@@ -8,6 +8,7 @@ and writes responses (JSON, errors in OpenAI's shape, SSE); nothing else.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -44,7 +45,12 @@ JSON = b"application/json"
 
 
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    """`req_` + 12 hex digits of the time in ms + 12 random: unique, and sorted by time.
+
+    why: the audit trail indexes records by request id; random ids put every insert on a random
+    index page, which made each record ~3x as costly to store (37 vs 11 us, bench/audit_bench.py).
+    """
+    return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"
 
 
 class Request:

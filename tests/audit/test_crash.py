@@ -112,16 +112,21 @@ async def test_kill_9_under_load_loses_no_decision_and_the_chain_verifies(
 def check_after_crash(seen: list[str], home: Path, config_file: Path, port: int) -> None:
     url = f"http://127.0.0.1:{port}"
     path = home / "audit.db"
-    decided = decided_traces(path)
-    missing = [trace for trace in seen if trace not in decided]
-    assert not missing, f"{len(missing)} of {len(seen)} forwarded calls have no decision record"
+    journals = path.with_name("audit.db.pending")
+    left = [p for p in journals.iterdir() if p.stat().st_size > 0]
+    assert left, "the killed gateway left a journal (its records committed but not yet in the trail)"
 
-    again = serve(config_file, home, port)  # a restart opens the trail the crash left
+    again = serve(config_file, home, port)  # a restart moves what the journal holds into the trail
     try:
         assert raw_request(url, "GET", "/readyz").status == 200
+        decided = decided_traces(path)
+        missing = [trace for trace in seen if trace not in decided]
+        assert not missing, f"{len(missing)} of {len(seen)} forwarded calls have no decision record"
+        assert not any(p.exists() for p in left), "the left-over journal is gone once moved"
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(20)
+    assert list(journals.iterdir()) == []  # a clean stop leaves no journal
     verified = subprocess.run(
         [sys.executable, "-m", "idgate", "audit", "verify", "--config", str(config_file)],
         env=environment(home),

@@ -21,7 +21,16 @@ from idgate.audit.records import parse_traceparent
 from idgate.audit.stores import SqliteStore
 from tests.audit.conftest import BACKENDS
 from tests.conftest import UPSTREAM_KEY, MakeGateway, base_config
-from tests.support import PG_DSN, Gateway, TestIssuer, Upstream, drop_schema, raw_request, wait_for
+from tests.support import (
+    PG_DSN,
+    Gateway,
+    TestIssuer,
+    Upstream,
+    break_audit_trail,
+    drop_schema,
+    raw_request,
+    wait_for,
+)
 
 PROMPT = "the quarterly numbers for project bluebird"
 HI = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
@@ -138,17 +147,21 @@ def test_a_malformed_traceparent_gets_a_new_trace(gateway: Gateway, issuer: Test
 def test_the_decision_is_committed_before_the_upstream_call(
     gateway: Gateway, issuer: TestIssuer, upstream: Upstream
 ) -> None:
-    """The upstream, on receiving the call, finds its identity and decision records committed (a reader of its own)."""
+    """The upstream, on receiving the call, finds its identity and decision records durable (a reader of its own).
+
+    Durable: in the trail, or in the gateway's commit journal beside it, which a restart moves into the trail.
+    """
     seen: list[set[str]] = []
+    path = gateway.config.audit_path
 
     def look(body: dict[str, Any]) -> None:
         trace = body["messages"][0]["content"]
-        with closing(sqlite3.connect(f"{gateway.config.audit_path.as_uri()}?mode=ro", uri=True)) as connection:
-            kinds = {
-                orjson.loads(row[0])["kind"]
-                for row in connection.execute("SELECT record FROM audit_records")
-                if orjson.loads(row[0]).get("trace_id") == trace
-            }
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as connection:
+            stored = [row[0] for row in connection.execute("SELECT record FROM audit_records")]
+        journaled = [
+            line for file in path.with_name("audit.db.pending").iterdir() for line in file.read_bytes().split()
+        ]
+        kinds = {r["kind"] for r in map(orjson.loads, stored + journaled) if r.get("trace_id") == trace}
         seen.append(kinds)
 
     upstream.on_request = look
@@ -215,16 +228,16 @@ def test_an_audit_store_that_cannot_commit_refuses_and_forwards_nothing(
     assert raw_request(gateway.url, "POST", "/v1/chat/completions", HI, headers).status == 200
     assert gateway.app.audit.flush()
     if backend == "sqlite":
-        with closing(sqlite3.connect(gateway.config.audit_path)) as connection, connection:
-            connection.execute("DROP TABLE audit_records")
+        break_audit_trail(gateway)
     else:
         drop_schema(pg_schema)
+    forwarded = len(upstream.received)
     for stream in (False, True):
         payload = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
         refused = raw_request(gateway.url, "POST", "/v1/chat/completions", payload, headers)
         assert refused.status == 503
         assert "nothing was forwarded" in refused.json()["error"]["message"]
-    assert len(upstream.received) == 1  # nothing more went upstream
+    assert len(upstream.received) == forwarded  # nothing more went upstream
     assert raw_request(gateway.url, "GET", "/readyz").status == 503
 
 
@@ -236,10 +249,10 @@ def test_fail_open_reads_serves_model_lists_and_says_so_later(
     gateway = make_gateway(config)
     headers = {"Authorization": f"Bearer {issuer.mint()}"}
     assert gateway.app.audit.flush()
-    with closing(sqlite3.connect(gateway.config.audit_path)) as connection, connection:
-        connection.execute("DROP TABLE audit_records")
+    break_audit_trail(gateway)
+    forwarded = len(upstream.received)
     assert raw_request(gateway.url, "POST", "/v1/chat/completions", HI, headers).status == 503  # never writes
-    assert upstream.received == []
+    assert len(upstream.received) == forwarded
     for path in ("/v1/models", "/v1/models/gpt-test"):
         assert raw_request(gateway.url, "GET", path, headers=headers).status == 200  # reads go on, unrecorded
     SqliteStore(gateway.config.audit_path).open()  # the store is back

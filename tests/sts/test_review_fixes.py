@@ -7,7 +7,6 @@ code before the fix (the attack worked) and asserts the refusal now.
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from tests.dpop_client import client_assertion
 from tests.sts.lifecycle_support import ADMIN, Client, agent, claims_of, human, lifecycle_config, start
 from tests.sts.test_clients import FILE_CLIENT_KEY
 from tests.sts.test_session_end import CLIENT_ID, RECEIVER, TRANSMITTER, Transmitter, logout, logout_token, push
-from tests.support import Gateway, TestIssuer, Upstream
+from tests.support import Gateway, TestIssuer, Upstream, break_audit_trail
 
 ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
@@ -250,14 +249,8 @@ def test_no_token_is_sent_when_its_record_cannot_be_committed(
     gateway, client = served
     alice = human(issuer)
     assert client.exchange(alice).status == 200
-    gateway.app.audit.flush()
-    connection = sqlite3.connect(gateway.config.audit_path)
-    try:
-        connection.execute("DROP TABLE audit_records")
-        connection.commit()
-    finally:
-        connection.close()
-    reply = client.exchange(alice)  # the first record after the store broke: queued would mean sent
+    break_audit_trail(gateway)
+    reply = client.exchange(alice)  # its record cannot be made durable: queued would mean sent
     assert reply.status == 503 and reply.json()["error"] == "temporarily_unavailable", reply.body
     assert "access_token" not in reply.json()
 
