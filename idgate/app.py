@@ -257,6 +257,7 @@ class IdgateApp:
             pseudonyms=Pseudonyms.from_state(config.home),
             max_body_bytes=config.server.max_body_bytes,
             fail_open_reads=config.audit.fail_open_reads,
+            new_trace_flags=config.audit.new_trace_flags,
         )
         authzen = AuthZen(
             self.gate,

@@ -305,7 +305,7 @@ def test_client_leaving_a_stream_stops_the_upstream_call(
 def test_an_unexpected_error_is_a_500_in_openai_shape(
     gateway: Gateway, issuer: TestIssuer, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(endpoint: str, body: dict[str, Any]) -> bytes:
+    async def broken(endpoint: str, body: dict[str, Any], **_: Any) -> bytes:
         raise RuntimeError("internal detail sk-do-not-show")
 
     monkeypatch.setattr(gateway.app.providers["up"], "complete", broken)
@@ -321,7 +321,7 @@ def test_an_unexpected_error_is_a_500_in_openai_shape(
 def test_an_unexpected_error_midstream_ends_the_stream_with_an_error_event(
     gateway: Gateway, issuer: TestIssuer, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(endpoint: str, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+    async def broken(endpoint: str, body: dict[str, Any], **_: Any) -> AsyncGenerator[bytes, None]:
         yield b'data: {"choices": [{"index": 0, "delta": {"content": "partial"}}]}\n\n'
         raise RuntimeError("internal detail sk-do-not-show")
 

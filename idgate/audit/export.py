@@ -14,8 +14,12 @@ get exactly what the store has: no token, no secret, no prompt text.
   trace (the caller's `traceparent` is its parent), from its identity record
   to its end, with the identity as attributes (`enduser.id`, tenant, actor
   chain, credential id and kind, task), the decision (id, allowed, policies)
-  and the model call (`gen_ai.*` names: provider, model, token usage). Every
+  and the model call (`gen_ai.*` names: provider, model, token usage) or the
+  MCP tool call (`idgate.tool`; the span ends with the `tool_call` record). Every
   record is also a log event in that trace and span, its JSON as the body.
+  The request's span id is derived from its request id (`request_span_id`); it
+  is also the parent span in the `traceparent` of the request's upstream call,
+  so a provider's or tool server's spans hang under the gateway's.
 """
 
 from __future__ import annotations
@@ -201,6 +205,8 @@ class OtlpExport:
         elif kind == "decision":
             self._open.setdefault(request_id, {}).setdefault("decision", record)
             return None
+        elif kind == "action" and record.get("action") == "tool_call" and request_id in self._open:
+            pass  # an MCP tool call's end: its span is emitted too, or the tool server's spans would have no parent
         elif kind != "model":
             return None
         parts = self._open.pop(request_id, {})
@@ -210,7 +216,11 @@ class OtlpExport:
         from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
         start = float(identity.get("time") or end.get("time") or 0)
-        latency = float(end.get("latency_ms") or 0) / 1000
+        details = end.get("details") or {}
+        if "latency_ms" in end:
+            latency = float(end.get("latency_ms") or 0) / 1000
+        else:  # an action record: it was written when the request ended
+            latency = max(0.0, float(end.get("time") or start) - start)
         subject = identity.get("subject") or {}
         credential = identity.get("credential") or {}
         usage = end.get("usage") or {}
@@ -218,7 +228,7 @@ class OtlpExport:
             "idgate.request_id": end.get("request_id"),
             "http.request.method": identity.get("method"),
             "url.path": identity.get("path"),
-            "http.response.status_code": end.get("status"),
+            "http.response.status_code": end.get("status", details.get("status")),
             "enduser.id": subject.get("id"),
             "idgate.subject.kind": subject.get("kind"),
             "idgate.subject.tenant": subject.get("tenant"),
@@ -239,6 +249,9 @@ class OtlpExport:
                     "idgate.data_class": (decision.get("context") or {}).get("data_class"),
                 }
             )
+        if end.get("kind") == "action":
+            attributes["idgate.tool"] = end.get("target")
+            attributes["idgate.tool.credential_id"] = details.get("credential_id")
         if end.get("kind") == "model":
             attributes.update(
                 {

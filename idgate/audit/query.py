@@ -5,9 +5,9 @@ are merged into one view (`story`). `query(trail, ...)` finds requests by their
 identity record, newest first: by time and subject id in the store (indexed
 columns), by everything else on the merged view. `explain(trail, request_id)`
 says, in plain sentences, who made one request, on whose behalf, with what
-credential, what was decided and why (every decision), which model saw which
-data class, which actions were taken with which credentials, and how it ended.
-Both only read.
+credential, what was decided and why (every decision: the model's, and each
+tool's, kept or removed), which model saw which data class, which actions were
+taken with which credentials, and how it ended. Both only read.
 """
 
 from __future__ import annotations
@@ -82,7 +82,17 @@ def _tools(record: dict[str, Any]) -> set[str]:
         if action.get("action") == "tool_call" and action.get("target"):
             names.add(str(action["target"]).rsplit("/", 1)[-1])
             names.add(str(action["target"]))
+    for verdict in record.get("decisions") or ():
+        resource = verdict.get("resource") or {}
+        if resource.get("type") == "tool" and resource.get("id"):
+            names.add(str(resource["id"]).rsplit("/", 1)[-1])
+            names.add(str(resource["id"]))
     return names
+
+
+def _refused(record: dict[str, Any]) -> bool:
+    """Whether any of the request's decisions refused something (its model, or a tool it offered)."""
+    return any(v.get("allowed") is False for v in record.get("decisions") or ())
 
 
 def _matches(
@@ -98,13 +108,19 @@ def _matches(
     subject = record.get("subject") or {}
     credential = record.get("credential") or {}
     verdict = record.get("decision") or {}
+    if decision == "deny":
+        decided = _refused(record)
+    elif decision == "allow":
+        decided = bool(verdict) and verdict.get("allowed") is True and not _refused(record)
+    else:
+        decided = True
     checks = (
         agent is None or any(a.get("id") == agent for a in record.get("actors") or ()),
         tenant is None or subject.get("tenant") == tenant,
         task is None or credential.get("task") == task,
         model is None or record.get("model") == model,
         tool is None or tool in _tools(record),
-        decision is None or (bool(verdict) and verdict.get("allowed") is (decision == "allow")),
+        decided,
     )
     return all(checks)
 
@@ -126,8 +142,10 @@ def query(
     """The requests (their records merged by `story`) that match every filter given, newest first, at most `limit`.
 
     `subject` is the subject's id; `agent` any actor's id in the chain; `tool` a tool
-    offered, removed or flagged; `decision` "allow" or "deny" (records without a policy
-    decision, e.g. unauthenticated calls, match neither). `since`/`until` take epoch
+    offered, removed, flagged, decided on or called (`NAME` or `SERVER/NAME`); `decision`
+    "deny" for requests with any refused decision (the model, or a tool it offered, even
+    one removed while the call went on), "allow" for those whose every decision allowed
+    (records without a policy decision, e.g. unauthenticated calls, match neither). `since`/`until` take epoch
     seconds, ISO-8601 or an age like `2h`, `7d`.
     """
     if decision not in (None, "allow", "deny"):
@@ -153,6 +171,13 @@ def table_row(record: dict[str, Any]) -> list[str]:
         decided = ("allow" if verdict.get("allowed") else "deny") + (
             f": {verdict['reason']}" if verdict.get("reason") else ""
         )
+        tools = [  # the first decision is `verdict`; the others are the tools a chat offered
+            str((v.get("resource") or {}).get("id"))
+            for v in (record.get("decisions") or [])[1:]
+            if v.get("allowed") is False
+        ]
+        if tools:
+            decided += f" (refused {', '.join(tools)})"
     who = subject.get("id") or "-"
     if subject.get("tenant"):
         who += f"@{subject['tenant']}"
@@ -206,13 +231,22 @@ def _sentences(record: dict[str, Any]) -> list[str]:
         )
     verdict = record.get("decision")
     decisions = record.get("decisions") or ([verdict] if verdict else [])
+    forwarded = "model" in (record.get("kinds") or ())
     if not decisions:
         lines.append("Decision: none was made (the request ended before policy was consulted).")
-    for one in decisions:
+    for index, one in enumerate(decisions):
         allowed = "allowed" if one.get("allowed") else "refused"
         policies = _listed(one.get("policies"))
         resource = one.get("resource") or {}
         what = f" {one['action']} on {resource.get('type')} `{resource.get('id')}`" if one.get("action") else ""
+        if index > 0 and resource.get("type") == "tool" and record.get("tools_offered"):
+            # A function tool the chat request offered: kept for the model, or not.
+            if one.get("allowed"):
+                allowed = "allowed (offered to the model)"
+            elif forwarded:
+                allowed = "refused (removed before the model saw the request)"
+            else:
+                allowed = "refused (the request was refused for it)"
         text = f"Decision `{one.get('id')}`{what}: {allowed} (reason: {one.get('reason') or 'none given'});"
         text += f" policies {policies}; policy set revision `{one.get('revision')}`."
         context = one.get("context")
@@ -236,7 +270,7 @@ def _sentences(record: dict[str, Any]) -> list[str]:
             if findings
             else "; no detector findings"
         )
-        if verdict is not None and not verdict.get("allowed"):
+        if verdict is not None and (not verdict.get("allowed") or not forwarded):
             lines.append(
                 f"Model: `{model}`{route} was asked for, data class {data_class}{found}; nothing was forwarded."
             )

@@ -12,11 +12,15 @@ request's story can be put back together, and joined to the caller's traces:
 - `decision`: one policy decision: action, resource, the context the policy
   saw (data class, tenant, tools, task) and the detector findings behind the data
   class (names and counts), allowed or not, the reason category, the
-  policies that decided it, errors and the policy set's revision hash.
+  policies that decided it, errors and the policy set's revision hash. A chat
+  request has one for its model and, after it, one per function tool it offers
+  (`call_tool` on `functions/NAME`, `tool_decision_records`), all committed
+  together before the upstream call.
 - `model`: a call to a model: provider, model, upstream model, the request's
   parameters (no content), tools offered/removed/flagged, data class and
   detector findings (names and counts, never the matched text), SHA-256 of the
-  prompt and of the completion, usage, latency, time to first byte, outcome.
+  prompt and of the completion, usage, latency, time to first byte, outcome,
+  and `upstream_span`: the span id the upstream was given as its parent.
 - `action`: anything done for a request or by the gateway itself: a tool call,
   a token issued, a task started or completed, a revocation, a policy reload,
   a configuration load (`action_record`).
@@ -27,6 +31,18 @@ Where a request ended: the `model` record has its HTTP `status`, `outcome`,
 or answered by the gateway itself) the `identity` record has them, and is
 then written when the request ended. `story()` merges one request's records
 into one flat view (what `idgate audit query` lists).
+
+Trace context upstream: every upstream call (model provider, MCP tool server)
+carries `traceparent: 00-<trace_id>-<span>-<flags>` (`upstream_traceparent`).
+The span is the request's own span, the one the OTLP export emits
+(`export.request_span_id`): a request makes one upstream call, so the
+provider's server span is a child of the gateway's request span and a tracing
+backend joins them with no span of ours missing. The flags are the caller's
+(only the bits W3C defines, `sampled` and `random`; the others must be zero);
+for a trace the gateway started, `01` when the OTLP export records it, else
+`00`. A caller's `tracestate` and `baggage` are never relayed: they are opaque
+vendor and application data (user ids, tenant names, session keys) that the
+gateway cannot vet, and a provider or tool server is across a trust boundary.
 """
 
 from __future__ import annotations
@@ -35,12 +51,13 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from idgate.audit.export import request_span_id
 from idgate.identity.principal import Caller
 from idgate.policy.decision import Decision
 
@@ -61,6 +78,9 @@ __all__ = [
     "prompt_digest",
     "stories",
     "story",
+    "tool_decision_records",
+    "trace_context",
+    "upstream_traceparent",
 ]
 
 RECORD_VERSION = 1
@@ -102,21 +122,42 @@ _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 
 
-def parse_traceparent(header: bytes | None) -> tuple[str, str] | None:
-    """The (trace id, parent span id) of a valid W3C `traceparent` header, else None.
+def trace_context(header: bytes | None) -> tuple[str, str, str] | None:
+    """The (trace id, parent span id, trace flags) of a valid W3C `traceparent` header, else None.
 
     Per W3C Trace Context: version `ff` is invalid; version `00` has exactly four
     fields; a later version may carry more after a dash; all-zero ids are invalid.
+    The flags keep only the bits W3C defines (`01` sampled, `02` random trace id):
+    the others "MUST be set to zero" by whoever passes them on.
     """
     if header is None or len(header) < 55:
         return None
     match = _TRACEPARENT.match(header.strip())
     if match is None:
         return None
-    version, trace, span, _, rest = match.groups()
+    version, trace, span, flags, rest = match.groups()
     if version == b"ff" or (version == b"00" and rest) or trace == _ZERO_TRACE or span == _ZERO_SPAN:
         return None
-    return trace.decode(), span.decode()
+    return trace.decode(), span.decode(), _FLAGS[int(flags, 16) & 0x03]
+
+
+_FLAGS = ("00", "01", "02", "03")
+
+
+def parse_traceparent(header: bytes | None) -> tuple[str, str] | None:
+    """The (trace id, parent span id) of a valid W3C `traceparent` header, else None (see `trace_context`)."""
+    context = trace_context(header)
+    return None if context is None else (context[0], context[1])
+
+
+def upstream_traceparent(facts: RequestFacts, new_trace_flags: str) -> str:
+    """The `traceparent` an upstream call of this request carries; notes its span in `facts.upstream_span`.
+
+    `new_trace_flags`: the flags when the caller sent no valid `traceparent` (the gateway started
+    the trace): `01` if the gateway records it (an OTLP export), else `00`.
+    """
+    span = facts.upstream_span = request_span_id(facts.request_id).hex()
+    return f"00-{facts.trace_id}-{span}-{facts.trace_flags or new_trace_flags}"
 
 
 def new_trace_id() -> str:
@@ -145,6 +186,8 @@ class RequestFacts:
     path: str
     trace_id: str = ""
     parent_span: str | None = None  # the caller's span, from its `traceparent`
+    trace_flags: str | None = None  # the caller's trace flags, from its `traceparent`
+    upstream_span: str | None = None  # the span id an upstream call was given as its parent
     started: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.perf_counter)
     caller: Caller | None = None
@@ -153,6 +196,7 @@ class RequestFacts:
     upstream_model: str | None = None
     stream: bool = False
     decision: Decision | None = None
+    tool_decisions: Sequence[tuple[str, Decision]] = ()  # (tool `server/name`, decision) per function tool
     action: str = "invoke_model"
     status: int = 0
     error_code: str | None = None
@@ -248,6 +292,21 @@ def decision_record(facts: RequestFacts) -> dict[str, Any] | None:
     return record
 
 
+def tool_decision_records(facts: RequestFacts) -> list[dict[str, Any]]:
+    """One `decision` record per function tool the request offered (`call_tool` on `SERVER/NAME`)."""
+    return [
+        decision_of(
+            facts,
+            "call_tool",
+            {"type": "tool", "id": tool},
+            facts.data_class,
+            decision,
+            {"tool": tool.rsplit("/", 1)[-1]},
+        )
+        for tool, decision in facts.tool_decisions
+    ]
+
+
 def decision_of(
     facts: RequestFacts,
     action: str,
@@ -304,6 +363,7 @@ def model_record(facts: RequestFacts) -> dict[str, Any]:
             "completion_sha256": None if facts.completion is None else facts.completion.hexdigest(),
             "usage": facts.usage,
             "first_byte_ms": facts.first_byte_ms,
+            "upstream_span": facts.upstream_span,
             **_ending(facts),
         }
     )
@@ -401,6 +461,7 @@ _MODEL_FIELDS = (
     "completion",
     "usage",
     "first_byte_ms",
+    "upstream_span",
 )
 _ENDING_FIELDS = ("status", "outcome", "error", "latency_ms")
 
@@ -446,7 +507,9 @@ def story(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 view["decision"] = verdict
                 context = record.get("context") or {}
                 view.setdefault("data_class", context.get("data_class"))
-                view.setdefault("model", (record.get("resource") or {}).get("id"))
+                resource = record.get("resource") or {}
+                if resource.get("type") == "model":  # an MCP request's first decision is on a tool
+                    view.setdefault("model", resource.get("id"))
                 for name in ("tools_removed", "findings"):
                     if record.get(name) is not None:
                         view.setdefault(name, record.get(name))

@@ -53,7 +53,13 @@ class AuditSettings(_Frozen):
     postgres_schema: str = Field(
         "idgate_audit", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$", description="schema holding the trail's tables"
     )
-    flush_interval_seconds: float = Field(0.005, gt=0, le=1)
+    flush_interval_seconds: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="how often the writer moves records into the store in one transaction (commits are durable"
+        " before that: in the journal for SQLite, group-committed for PostgreSQL)",
+    )
     checkpoint_every: int = Field(1000, gt=0, description="records between signed checkpoints of the hash chain")
     commit_timeout_seconds: float = Field(
         5.0, gt=0, le=60, description="longest wait for the pre-forward commit; longer is a 503"
@@ -70,6 +76,11 @@ class AuditSettings(_Frozen):
         " (each at most 64 KiB); off: only their SHA-256",
     )
     export: AuditExportSettings = AuditExportSettings()
+
+    @property
+    def new_trace_flags(self) -> str:
+        """The upstream `traceparent` flags of a trace the gateway starts: sampled when its spans are exported."""
+        return "01" if self.export.otlp_endpoint else "00"
 
     @field_validator("postgres_dsn")
     @classmethod

@@ -31,7 +31,10 @@ A POST carries one JSON-RPC message (batches are refused). For it:
 4. **the call**: the identity and decision records are committed first; then
    the message goes upstream with the MCP headers (`Mcp-Session-Id`,
    `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`,
-   `Last-Event-ID`, trace context). JSON and SSE answers are relayed as they
+   `Last-Event-ID`) and a `traceparent` of the gateway's own: the request's
+   trace (the caller's, if it sent a valid one), the request's span as the
+   parent (`upstream_traceparent`); the caller's `traceparent`, `tracestate`
+   and `baggage` are never relayed as they came. JSON and SSE answers are relayed as they
    come; `tools/list` answers are read whole, filtered (only tools this
    caller may call, never a withheld one) and written anew, never relayed as
    they came: one that does not parse, or is not this request's result with a
@@ -67,7 +70,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from idgate.audit.records import RequestFacts, identity_record, parse_traceparent
+from idgate.audit.records import RequestFacts, identity_record, trace_context, upstream_traceparent
 from idgate.audit.writer import AuditWriter
 from idgate.config import SecretRef
 from idgate.errors import AuthenticationError, IdgateError, InvalidToken, PayloadTooLarge, shown
@@ -104,7 +107,9 @@ UPSTREAM_FAILED = -32050
 CONTROLLED = frozenset({"tools/call", "resources/read", "prompts/get"})
 _READ = "read"
 
-# Request headers relayed upstream (never `authorization`, `cookie` or the like).
+# Request headers relayed upstream (never `authorization`, `cookie` or the like; nor the caller's
+# `traceparent`, `tracestate` or `baggage`: the gateway sends a `traceparent` of its own, and the
+# others are opaque caller data it cannot vet, not to cross into a tool server).
 _UP_HEADERS = frozenset(
     {
         b"accept",
@@ -114,8 +119,6 @@ _UP_HEADERS = frozenset(
         b"mcp-method",
         b"mcp-name",
         b"last-event-id",
-        b"traceparent",
-        b"tracestate",
     }
 )
 _UP_PREFIX = b"mcp-param-"
@@ -184,9 +187,12 @@ class McpGateway:
         policy_version: Callable[[], object] = lambda: None,
         max_body_bytes: int = 4 * 1024 * 1024,
         clock: Callable[[], float] = time.time,
+        new_trace_flags: str = "00",
     ) -> None:
         """`declared_class`: a tool's action class in the policy's entity data, if it declares the tool;
-        `policy_version`: changes whenever the authorizer's policies or entities do (decisions are cached per version).
+        `policy_version`: changes whenever the authorizer's policies or entities do (decisions are cached per version);
+        `new_trace_flags`: the upstream `traceparent`'s flags in a trace the gateway started: `01` when the gateway
+        records its traces (an OTLP export), else `00`.
         """
         self._settings = settings
         self._base = base_url
@@ -203,6 +209,7 @@ class McpGateway:
         self._decisions_version: object = None
         self._max_body = max_body_bytes
         self._clock = clock
+        self._new_trace_flags = new_trace_flags
         self._budgets = Budgets(settings.budgets, store, clock)
         self._sessions = sessions
         self._session: aiohttp.ClientSession | None = None
@@ -465,6 +472,8 @@ class McpGateway:
             name = key.lower()
             if name in _UP_HEADERS or name.startswith(_UP_PREFIX):
                 headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        headers["traceparent"] = upstream_traceparent(facts, self._new_trace_flags)
+        details["upstream_span"] = facts.upstream_span
         # The session id the client holds is bound to it; the upstream gets back the one it issued.
         headers.pop("mcp-session-id", None)
         if session is not None:
@@ -898,9 +907,9 @@ def _refused(call: _Call, facts: RequestFacts) -> _Refusal:
 
 def _facts(request: Request) -> RequestFacts:
     facts = RequestFacts(request.id, request.method, request.path, action="call_tool")
-    trace = parse_traceparent(request.header(b"traceparent"))
+    trace = trace_context(request.header(b"traceparent"))
     if trace is not None:
-        facts.trace_id, facts.parent_span = trace
+        facts.trace_id, facts.parent_span, facts.trace_flags = trace
     return facts
 
 

@@ -75,4 +75,5 @@ def build_mcp(
         declared_class=declared_tool_class(policies),
         policy_version=lambda: policies.snapshot,
         max_body_bytes=config.server.max_body_bytes,
+        new_trace_flags=config.audit.new_trace_flags,
     )

@@ -1,10 +1,12 @@
 """What a model provider is to the gateway.
 
 A provider gets a request body that the proxy has already rewritten (upstream
-model name, pseudonymous user id, never a caller's token) and returns the
-upstream's answer: whole (`complete`) or as raw SSE bytes (`stream`). Failures
-are idgate errors (`UpstreamError`, `UpstreamTimeout`) or, for a request the
-upstream itself refused as invalid, `UpstreamRejected` with its status and body.
+model name, pseudonymous user id, never a caller's token) and the W3C
+`traceparent` the call carries (the request's trace, the gateway's span; see
+`idgate.audit.records.upstream_traceparent`), and returns the upstream's
+answer: whole (`complete`) or as raw SSE bytes (`stream`). Failures are idgate
+errors (`UpstreamError`, `UpstreamTimeout`) or, for a request the upstream
+itself refused as invalid, `UpstreamRejected` with its status and body.
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ class Provider(ABC):
         """Close connection pools."""
 
     @abstractmethod
-    async def complete(self, endpoint: Endpoint, body: dict[str, Any]) -> bytes:
-        """The upstream's JSON answer as bytes."""
+    async def complete(self, endpoint: Endpoint, body: dict[str, Any], *, traceparent: str | None = None) -> bytes:
+        """The upstream's JSON answer as bytes; `traceparent` goes with the call as its header."""
 
     @abstractmethod
-    def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+    def stream(
+        self, endpoint: Endpoint, body: dict[str, Any], *, traceparent: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
         """The upstream's SSE bytes; errors before the first chunk mean nothing was sent."""

@@ -39,12 +39,14 @@ class DemoProvider(Provider):
         self.name = name
         self.identity_field = identity_field
 
-    async def complete(self, endpoint: Endpoint, body: dict[str, Any]) -> bytes:
+    async def complete(self, endpoint: Endpoint, body: dict[str, Any], *, traceparent: str | None = None) -> bytes:
         if endpoint == "embeddings":
             return orjson.dumps(self._embeddings(body))
         return orjson.dumps(self._chat(body))
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, endpoint: Endpoint, body: dict[str, Any], *, traceparent: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
         if endpoint != "chat/completions":
             raise BadRequest("only chat completions can be streamed")
         options = body.get("stream_options")

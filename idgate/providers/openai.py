@@ -1,4 +1,8 @@
-"""An OpenAI-compatible upstream over pooled keep-alive aiohttp connections."""
+"""An OpenAI-compatible upstream over pooled keep-alive aiohttp connections.
+
+Each call carries the configured key (never a caller's token) and the request's
+W3C `traceparent`, so the provider's traces join the gateway's.
+"""
 
 from __future__ import annotations
 
@@ -66,12 +70,16 @@ class OpenAIProvider(Provider):
             await self._session.close()
             self._session = None
 
-    def _post(self, endpoint: Endpoint, body: dict[str, Any]) -> Any:
+    def _post(self, endpoint: Endpoint, body: dict[str, Any], traceparent: str | None) -> Any:
         if self._session is None:
             raise UpstreamError(f"upstream `{self.name}` is not started")
+        headers = self._headers
+        if traceparent is not None:
+            # why: a copy of the three fixed headers (~0.1 µs); the shared dict is never changed per call
+            headers = {**headers, "traceparent": traceparent}
         # No redirects: the request (prompt included) goes to the configured URL and nowhere else.
         return self._session.post(
-            f"{self._base}/{endpoint}", data=orjson.dumps(body), headers=self._headers, allow_redirects=False
+            f"{self._base}/{endpoint}", data=orjson.dumps(body), headers=headers, allow_redirects=False
         )
 
     async def _check(self, response: aiohttp.ClientResponse) -> None:
@@ -89,9 +97,9 @@ class OpenAIProvider(Provider):
         )
         raise UpstreamRejected(response.status, body, headers)
 
-    async def complete(self, endpoint: Endpoint, body: dict[str, Any]) -> bytes:
+    async def complete(self, endpoint: Endpoint, body: dict[str, Any], *, traceparent: str | None = None) -> bytes:
         try:
-            async with self._post(endpoint, body) as response:
+            async with self._post(endpoint, body, traceparent) as response:
                 await self._check(response)
                 answer: bytes = await response.read()
                 return answer
@@ -100,10 +108,12 @@ class OpenAIProvider(Provider):
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream `{self.name}` cannot be reached: {type(exc).__name__}") from None
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, endpoint: Endpoint, body: dict[str, Any], *, traceparent: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
         answering = False
         try:
-            async with self._post(endpoint, body) as response:
+            async with self._post(endpoint, body, traceparent) as response:
                 await self._check(response)
                 answering = True
                 async for chunk in response.content.iter_any():

@@ -7,6 +7,8 @@
   each function tool the request offers is authorized as the tool
   `functions/NAME` (server name configurable). Tools the caller may not use are
   removed before the model sees them, or the request is refused (by config).
+  Each tool's `Decision` is kept (`Admitted.tool_decisions`): every one becomes
+  a `decision` record of its own, next to the model's.
 - after the answer, `tool_calls` naming a tool the caller may not use are flagged.
 
 The authorizer is pure; this module only prepares its questions and acts on
@@ -15,7 +17,7 @@ its answers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,6 +44,8 @@ class Admitted:
     tools_offered: list[str] = field(default_factory=list)
     tools_removed: list[str] = field(default_factory=list)
     allowed_tools: frozenset[str] = frozenset()
+    # why: a tuple default, so a request without tools allocates nothing here (the benchmark path)
+    tool_decisions: Sequence[tuple[str, Decision]] = ()  # (`server/NAME`, decision), in the request's order
 
 
 class Admission:
@@ -92,6 +96,8 @@ class Admission:
     ) -> None:
         kept: list[Any] = []
         allowed: set[str] = set()
+        decisions: list[tuple[str, Decision]] = []
+        admitted.tool_decisions = decisions
         for tool in tools:
             name = _tool_name(tool)
             if name is None:
@@ -99,7 +105,9 @@ class Admission:
                 continue
             admitted.tools_offered.append(name)
             resource = Resource("tool", f"{self._server}/{name}", attributes=_UNDECLARED_TOOL)
-            if self._authorizer.authorize(caller, "call_tool", resource, context).allowed:
+            decision = self._authorizer.authorize(caller, "call_tool", resource, context)
+            decisions.append((resource.id, decision))
+            if decision.allowed:
                 kept.append(tool)
                 allowed.add(name)
             else:

@@ -8,9 +8,12 @@ read within the size limit and parsed (400/413); the model is looked up (404);
 the authorizer decides (403 with the decision id); the request goes upstream
 with the upstream model name and a pseudonymous user id, never the caller's
 token (502/504 on failure; 4xx answers relayed as they are). The audit trail
-has the identity and decision records committed before the upstream call
-(invariant 6), and the model record (or, for a refusal, the identity and
-decision records) committed before the response completes. A stream that fails
+has the identity and decision records (the model's, and one per function tool
+the request offers) committed before the upstream call (invariant 6), and the
+model record (or, for a refusal, the identity and decision records) committed
+before the response completes. The upstream call carries a W3C `traceparent`
+in the request's trace (`upstream_traceparent`; never the caller's
+`tracestate` or `baggage`). A stream that fails
 midway ends with an SSE error event (`data: {"error": ...}`); a caller who leaves a stream ends the upstream
 call; an unexpected exception is a 500 in the same error shape, never a
 traceback.
@@ -35,7 +38,9 @@ from idgate.audit.records import (
     decision_record,
     identity_record,
     model_record,
-    parse_traceparent,
+    tool_decision_records,
+    trace_context,
+    upstream_traceparent,
 )
 from idgate.audit.writer import AuditWriter
 from idgate.classify.content import texts_of
@@ -86,8 +91,12 @@ class Gateway:
         max_body_bytes: int,
         fail_open_reads: bool = False,
         redact: Callable[[str], str] | None = None,
+        new_trace_flags: str = "00",
     ) -> None:
         """`fail_open_reads`: model listings are served (and counted) while the audit store is down.
+
+        `new_trace_flags`: the upstream `traceparent`'s flags in a trace the gateway started (the caller
+        sent none): `01` when the gateway records its traces (an OTLP export), else `00`.
 
         `redact`: with `audit.record_content`, the detectors' redaction; the model record then keeps
         the prompt and completion text through it (at most `CONTENT_LIMIT` characters each).
@@ -101,6 +110,7 @@ class Gateway:
         self._max_body = max_body_bytes
         self._fail_open_reads = fail_open_reads
         self._redact = redact
+        self._new_trace_flags = new_trace_flags
 
     # -- endpoints -----------------------------------------------------------------
 
@@ -170,10 +180,11 @@ class Gateway:
             await self._audit.commit(*self._before_forwarding(facts))
             facts.forwarded = True
             upstream_body = self._upstream_body(body, route, facts.caller)
+            traceparent = upstream_traceparent(facts, self._new_trace_flags)
             if facts.stream:
-                await self._relay_stream(request, send, route, endpoint, upstream_body, facts)
+                await self._relay_stream(request, send, route, endpoint, upstream_body, facts, traceparent)
                 return
-            answer = await route.provider.complete(endpoint, upstream_body)
+            answer = await route.provider.complete(endpoint, upstream_body, traceparent=traceparent)
             facts.completion = hashlib.sha256(answer)
             if self._redact is not None:
                 facts.completion_text = self._redact(_answer_text(answer)[:CONTENT_LIMIT])
@@ -231,6 +242,7 @@ class Gateway:
         facts.findings = admitted.classification.record()["findings"]
         if admitted.tools_offered:
             facts.tools_offered, facts.tools_removed = admitted.tools_offered, admitted.tools_removed
+            facts.tool_decisions = admitted.tool_decisions
 
     def _inspect_answer(self, answer: bytes, facts: RequestFacts) -> bytes:
         """Usage for the record; `tool_calls` for tools the caller may not use are flagged."""
@@ -268,8 +280,9 @@ class Gateway:
         endpoint: Endpoint,
         body: dict[str, Any],
         facts: RequestFacts,
+        traceparent: str,
     ) -> None:
-        chunks = route.provider.stream(endpoint, body)
+        chunks = route.provider.stream(endpoint, body, traceparent=traceparent)
         try:
             first = await anext(chunks)  # upstream errors surface here, before any byte is sent
         except StopAsyncIteration:
@@ -358,22 +371,14 @@ class Gateway:
 
     @staticmethod
     def _before_forwarding(facts: RequestFacts) -> list[dict[str, Any]]:
-        records = [identity_record(facts, ended=False)]
-        decided = decision_record(facts)
-        if decided is not None:
-            records.append(decided)
-        return records
+        return _with_decisions([identity_record(facts, ended=False)], facts)
 
     def _finish(self, facts: RequestFacts, status: int) -> list[dict[str, Any]]:
         """The request's last records: its model record if it was forwarded, else who asked (and the decision)."""
         facts.status = status
         if facts.forwarded:
             return [model_record(facts)]
-        records = [identity_record(facts, ended=True)]
-        decided = decision_record(facts)
-        if decided is not None:
-            records.append(decided)
-        return records
+        return _with_decisions([identity_record(facts, ended=True)], facts)
 
     def _emit(self, records: list[dict[str, Any]]) -> None:
         for record in records:
@@ -397,12 +402,23 @@ class Gateway:
         await send_error(send, error, facts.request_id, decision_id)
 
 
+def _with_decisions(records: list[dict[str, Any]], facts: RequestFacts) -> list[dict[str, Any]]:
+    """`records` and the request's decisions: the model's first, then one per function tool offered."""
+    decided = decision_record(facts)
+    if decided is not None:
+        records.append(decided)
+        if facts.tool_decisions:
+            records.extend(tool_decision_records(facts))
+    return records
+
+
 def _facts(request: Request) -> RequestFacts:
     """A request's facts, in the caller's trace if it sent a valid W3C `traceparent`."""
-    parent = parse_traceparent(request.header(b"traceparent"))
+    parent = trace_context(request.header(b"traceparent"))
     if parent is None:
         return RequestFacts(request.id, request.method, request.path)
-    return RequestFacts(request.id, request.method, request.path, trace_id=parent[0], parent_span=parent[1])
+    trace, span, flags = parent
+    return RequestFacts(request.id, request.method, request.path, trace_id=trace, parent_span=span, trace_flags=flags)
 
 
 def _stream_usage(data: bytes) -> dict[str, Any] | None:
