@@ -11,10 +11,12 @@ Measures, with records shaped as the gateway writes them (identity, decision, mo
 - **commit latency at c1**: one request at a time awaiting `commit(identity, decision)`,
   the wait invariant 6 adds before each upstream call (p50/p99);
 - **commit throughput at c64**: 64 requests awaiting commits at once (group commit).
-- with `--e2e`: `idgate serve`'s chat latency at c1 against the fast mock upstream,
-  as shipped (decision committed before forwarding) and with the commit replaced by a
-  plain enqueue (the records still written, just not awaited), in alternating slices
-  so that the host's drift hits both alike. The difference is what invariant 6 costs.
+- with `--e2e`: `idgate serve`'s chat latency at c1 (and req/s at c64 with wrk) against
+  the fast mock upstream, in three variants run in alternating slices so that the host's
+  drift hits all alike: as shipped (`commit`: decision committed before forwarding), with
+  the commit replaced by a plain enqueue (`enqueue`: the records still written, just not
+  awaited) and with no records at all (`none`). commit - enqueue is what invariant 6
+  costs; commit - none what the whole trail costs.
 """
 
 from __future__ import annotations
@@ -117,6 +119,10 @@ def run(name: str, make: Any, args: argparse.Namespace) -> None:
     print(f"commits at c64 {commits:,.0f}/s ({2 * commits:,.0f} records/s) in {batches} transactions")
 
 
+VARIANTS = ("commit", "enqueue", "none")
+"""As shipped; records emitted but not awaited before forwarding; no records at all."""
+
+
 def _serve(variant: str, config: str, port: int) -> None:
     """Run the gateway (in this process); `enqueue` swaps the awaited commit for a plain emit."""
     import uvicorn
@@ -131,6 +137,16 @@ def _serve(variant: str, config: str, port: int) -> None:
                 self.emit(record)
 
         AuditWriter.commit = enqueue  # type: ignore[method-assign]
+    elif variant == "none":  # no trail at all: what everything but the audit costs
+
+        async def drop(self: AuditWriter, *records: dict[str, Any]) -> None:
+            self.check()
+
+        def drop_one(self: AuditWriter, record: dict[str, Any]) -> None:
+            self.check()
+
+        AuditWriter.commit = drop  # type: ignore[method-assign]
+        AuditWriter.emit = drop_one  # type: ignore[method-assign]
     app = build_app(load_config(Path(config)))
     uvicorn.run(
         app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop="uvloop", http="httptools"
@@ -192,18 +208,18 @@ def e2e(args: argparse.Namespace) -> None:
                 check=True,
             ).stdout.split()[-1]
             ports = {}
-            for variant in ("commit", "enqueue"):
+            for variant in VARIANTS:
                 ports[variant] = port = _free_port()
                 argv = [sys.executable, __file__, "--serve", variant, str(config), str(port)]
                 processes.append(subprocess.Popen(argv, env=env))
                 _wait_ready(port, "/healthz", time.monotonic() + 30)
-            waits: dict[str, list[float]] = {"commit": [], "enqueue": []}
+            waits: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
             for variant in waits:
                 _slice(ports[variant], token, 300)  # warm-up
             for _ in range(args.slices):
                 for variant in waits:
                     waits[variant] += _slice(ports[variant], token, args.per_slice)
-            rates: dict[str, list[float]] = {"commit": [], "enqueue": []}
+            rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
             if shutil.which("wrk"):
                 import loadgen
 
@@ -229,6 +245,8 @@ def e2e(args: argparse.Namespace) -> None:
         waits["commit"][int(len(waits["commit"]) * 0.99)] - waits["enqueue"][int(len(waits["enqueue"]) * 0.99)]
     ) * 1000
     print(f"the pre-forward commit adds p50 {added_p50:.3f} ms, p99 {added_p99:.3f} ms at c1")
+    whole = (statistics.median(waits["commit"]) - statistics.median(waits["none"])) * 1000
+    print(f"the whole audit trail (records, journal, writer) adds p50 {whole:.3f} ms at c1")
     for variant, values in rates.items():
         print(f"e2e chat c64 (wrk), {variant:8}: {statistics.median(values):,.0f} req/s (median of {len(values)})")
 

@@ -41,7 +41,9 @@ import fcntl
 import logging
 import os
 import secrets
+import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ log = logging.getLogger("idgate.audit")
 
 ROTATE_BYTES = 4 << 20
 SUFFIX = ".jsonl"
+NEW = ".new"  # a journal file being created, not yet locked and named
 
 
 def journal_folder(trail: Path) -> Path:
@@ -59,18 +62,12 @@ def journal_folder(trail: Path) -> Path:
     return trail.with_name(trail.name + ".pending")
 
 
-def _open_locked(path: Path, flags: int) -> int | None:
-    """`path` opened with an exclusive lock, or None if another process holds it (or it is gone)."""
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileNotFoundError:
-        return None
+def _lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+        return False
+    return True
 
 
 class _File:
@@ -79,11 +76,27 @@ class _File:
     def __init__(self, folder: Path) -> None:
         self.name = f"{os.getpid()}-{secrets.token_hex(6)}{SUFFIX}"
         self.path = folder / self.name
-        fd = _open_locked(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC)
-        if fd is None:  # a fresh, uniquely named file: only a bug gets here
-            raise RuntimeError(f"cannot lock the new journal file `{self.path}`")
+        # INVARIANT: a journal file is locked before it appears under its name: created under a
+        # name recovery does not look at, locked, then renamed (the lock goes with the file).
+        # why: a recovering process that found it unlocked and empty would delete it from under us.
+        hidden = folder / f".{self.name}{NEW}"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # why: recreated if someone removed it
+        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            if not _lock(fd):
+                raise OSError(f"cannot lock the new journal file `{hidden}`")
+            os.rename(hidden, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                hidden.unlink()
+            raise
         self.fd = fd
         self.size = 0
+
+    def gone(self) -> bool:
+        """Was the file deleted under us (commits written to it would not survive a crash)?"""
+        return os.fstat(self.fd).st_nlink == 0
 
     def remove(self) -> None:
         # why: unlink while still holding the lock, so a process that opened the file
@@ -106,6 +119,7 @@ class Journal:
 
     def open(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.folder, 0o700)  # why: an existing folder keeps its mode; the records are the gateway's only
         with self._lock:
             self._current = _File(self.folder)
             self._closed = False
@@ -123,9 +137,13 @@ class Journal:
                 if written != len(data):
                     raise OSError(f"short write to the audit journal ({written} of {len(data)} bytes)")
             except OSError:
-                # why: what went in may end in a torn line; later lines must not follow it in
-                # the same file. The next append starts a new one.
-                self._retire(current)
+                # why: what went in is a refused commit's start; cut it off, so that neither a
+                # recovery finds its whole lines nor later lines follow its torn one. If even
+                # that fails, the next append starts a new file.
+                try:
+                    os.ftruncate(current.fd, current.size)
+                except OSError:
+                    self._retire(current)
                 raise
             current.size += written
             mark = (current.name, current.size)
@@ -137,6 +155,20 @@ class Journal:
         self._retired.append((current, current.size))
         self._current = None
 
+    def replace_if_gone(self) -> bool:
+        """If the file being appended to was deleted (or its folder), start a new one; whether it was.
+
+        Commits acknowledged into a deleted file are still in memory, on their way to the trail,
+        but would not survive a crash: the writer's thread checks on every pass.
+        """
+        current = self._current
+        if current is None or not current.gone():
+            return False
+        with self._lock:
+            if self._current is current:
+                self._retire(current)
+        return True
+
     def settled(self, marks: dict[str, int]) -> None:
         """The trail now holds each file named in `marks` up to its offset: delete the retired files it holds whole."""
         if not self._retired:  # why: the common case takes no lock (the loop's appends hold it)
@@ -144,7 +176,7 @@ class Journal:
         with self._lock:
             keep = []
             for file, size in self._retired:
-                if marks.get(file.name, -1) >= size:
+                if size == 0 or marks.get(file.name, -1) >= size:
                     file.remove()
                 else:
                     keep.append((file, size))
@@ -155,8 +187,12 @@ class Journal:
         with self._lock:
             self._closed = True
 
-    def close(self, *, settled: bool) -> None:
-        """Stop appending; delete the files if the trail holds everything (`settled`), else leave them for recovery."""
+    def close(self, *, settled: bool, stuck: bool = False) -> None:
+        """Stop appending; delete the files if the trail holds everything (`settled`), else leave them for recovery.
+
+        `stuck`: the writer's thread is still at work on them: keep them open (and locked) until this process
+        ends, or a starting process would move them while the thread still may.
+        """
         with self._lock:
             files = [file for file, _ in self._retired]
             if self._current is not None:
@@ -165,7 +201,7 @@ class Journal:
         for file in files:
             if settled:
                 file.remove()
-            else:
+            elif not stuck:
                 os.close(file.fd)
 
 
@@ -194,16 +230,31 @@ class LeftOver:
             self.path.unlink()
         os.close(self.fd)
 
+    def release(self) -> None:
+        os.close(self.fd)
+
 
 def left_over(folder: Path) -> Iterator[LeftOver]:
     """The journal files in `folder` that no running process holds, each locked for the caller."""
     if not folder.is_dir():
         return
+    stale = time.time() - 60  # why: a live process names its new file within microseconds of creating it
+    for path in folder.glob(f".*{SUFFIX}{NEW}"):  # a process died between creating and naming one: empty
+        with contextlib.suppress(FileNotFoundError):
+            if path.lstat().st_mtime < stale:
+                path.unlink()
     for path in sorted(folder.glob(f"*{SUFFIX}")):
-        fd = _open_locked(path, os.O_RDONLY | os.O_CLOEXEC)
-        if fd is None:
+        try:  # why: O_NOFOLLOW and O_NONBLOCK: a planted symlink or FIFO neither redirects nor hangs us
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
             continue
-        if os.fstat(fd).st_nlink == 0:  # its owner finished with it while we waited for the lock
+        except OSError as exc:
+            raise OSError(f"audit journal `{path}` cannot be opened ({exc.strerror}); it is not one of ours") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise OSError(f"audit journal `{path}` is not a regular file; it is not one of ours")
+        if not _lock(fd) or os.fstat(fd).st_nlink == 0:  # held by a live process, or deleted by its owner meanwhile
             os.close(fd)
             continue
         yield LeftOver(path, fd)

@@ -117,6 +117,27 @@ CREATE TABLE IF NOT EXISTS audit_journals (
 """
 
 
+_INSERT = "INSERT INTO audit_records (seq, request_id, kind, time, subject, record, prev_hash, hash) VALUES "
+_MANY = 256  # rows per statement at most (8 parameters each, well under SQLite's 32,766)
+_INSERTS = {n: _INSERT + ",".join(["(?,?,?,?,?,?,?,?)"] * n) for n in (1 << b for b in range(_MANY.bit_length()))}
+
+
+def _insert(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert `rows` with a few multi-row statements: 256, 128, ..., 1 rows each (so each is cached).
+
+    why: `executemany` runs one statement per row and lets go of the GIL around each; under
+    load the writer's thread then waited for the event loop's thread once per row.
+    """
+    # a power of two: the statements come in those sizes (SQLite before 3.32 takes at most 999 parameters)
+    most = 1 << (min(_MANY, connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 8).bit_length() - 1)
+    start = 0
+    while start < len(rows):
+        size = min(most, 1 << ((len(rows) - start).bit_length() - 1))
+        chunk = rows[start : start + size]
+        connection.execute(_INSERTS[size], [v for row in chunk for v in row])
+        start += size
+
+
 class SqliteStore:
     """A trail in one SQLite file (WAL, `synchronous=NORMAL`), shared by the workers of one machine."""
 
@@ -167,11 +188,7 @@ class SqliteStore:
         try:
             seq, prev = self._head(connection)
             rows, seq, prev = _rows(records, bodies, seq, prev)
-            connection.executemany(
-                "INSERT INTO audit_records (seq, request_id, kind, time, subject, record, prev_hash, hash)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            _insert(connection, rows)
             if journals:
                 # INVARIANT: in the same transaction as the records, so a journal line is moved exactly once
                 connection.executemany(

@@ -72,11 +72,18 @@ class _Waiter:
 
 
 def _parse(journal: str, position: int, line: bytes) -> dict[str, Any]:
+    """A journal line as a record; `ValueError` naming the file and byte if it is not one."""
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError:
         record = None
-    if not isinstance(record, dict):
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("request_id"), str)
+        or not isinstance(record.get("kind"), str)
+        or not isinstance(record.get("time"), int | float)
+        or not isinstance(record.get("subject"), dict | None)
+    ):
         raise ValueError(
             f"audit journal `{journal}`: the line at byte {position} is not a record; the file was altered."
             " Keep it for review and move it out of the journal folder to start."
@@ -203,6 +210,8 @@ class AuditWriter:
 
     def _journal(self, records: tuple[dict[str, Any], ...]) -> None:
         assert self.journal is not None
+        if not records:
+            return
         bodies = [canonical(record) for record in records]
         try:
             mark = self.journal.append(b"\n".join(bodies) + b"\n")
@@ -235,7 +244,7 @@ class AuditWriter:
             # Everything journaled is in the trail unless the writer failed or is stuck:
             # then the files stay, and the next start moves them.
             stuck = self._thread is not None and self._thread.is_alive()
-            self.journal.close(settled=not stuck and self._error is None)
+            self.journal.close(settled=not stuck and self._error is None, stuck=stuck)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until what was emitted so far is committed (tests, shutdown); False if it was not."""
@@ -255,6 +264,10 @@ class AuditWriter:
             while not self._stop.is_set():
                 self._wake.wait(RETRY_SECONDS if self._error else self._interval)
                 self._wake.clear()
+                if self.journal is not None and self.journal.replace_if_gone():
+                    log.error(
+                        "audit journal file deleted under the gateway; writing a new one in %s", self.journal.folder
+                    )
                 self._drain()
                 if self._retention is not None and self._error is None and time.monotonic() >= self._next_prune:
                     self._prune()
@@ -313,10 +326,10 @@ class AuditWriter:
             self._error = None
         if records and records[-1].get("action") == "unrecorded_reads":
             self._unrecorded.clear()
-        self.written += len(batch)
-        self.batches += 1
         if marks and self.journal is not None:
             self.journal.settled(marks)
+        self.written += len(batch)  # why: after `settled`, so `flush()` also waits for the files' deletion
+        self.batches += 1
         self._resolve(batch)
         self._export(records)
 
@@ -326,13 +339,19 @@ class AuditWriter:
         assert isinstance(store, SqliteStore) and self.journal is not None
         moved = 0
         for left in left_over(self.journal.folder):
-            position = store.journal_position(left.name)
-            lines = left.lines(position)
-            for start in range(0, len(lines), RECOVER_BATCH):
-                chunk = lines[start : start + RECOVER_BATCH]
-                records = [_parse(left.name, position, line) for line in chunk]
-                position += sum(len(line) + 1 for line in chunk)
-                store.append(records, chunk, {left.name: position})
+            try:
+                position = store.journal_position(left.name)
+                lines = left.lines(position)
+                for start in range(0, len(lines), RECOVER_BATCH):
+                    chunk = lines[start : start + RECOVER_BATCH]
+                    records = []
+                    for line in chunk:
+                        records.append(_parse(left.name, position, line))
+                        position += len(line) + 1
+                    store.append(records, chunk, {left.name: position})
+            except BaseException:
+                left.release()  # left as it is (what was moved is noted), for the next start
+                raise
             moved += len(lines)
             left.remove()
         gone = [name for name in store.journal_names() if not (self.journal.folder / name).exists()]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,8 @@ from typing import Any
 import orjson
 import pytest
 
-from idgate.audit.journal import journal_folder
+from idgate.audit.journal import journal_folder, left_over
+from idgate.audit.stores import SqliteStore
 from idgate.audit.verify import verify
 from idgate.audit.writer import AuditWriter
 from idgate.errors import ServiceUnavailable
@@ -48,11 +51,49 @@ _DIES = textwrap.dedent(
 )
 
 
-def killed_after(path: Path, first: int, then: int) -> None:
+# A process whose disk fills in the middle of a commit (a file-size limit: the write is cut short), and is
+# killed later: the refused commit's start must not reach the trail, the commits around it must.
+_CUT_SHORT = textwrap.dedent(
+    """
+    import asyncio, os, resource, signal, sys
+    from pathlib import Path
+    from idgate.audit.writer import AuditWriter
+    from idgate.errors import ServiceUnavailable
+    from tests.audit.test_stores import request
+
+    path = Path(sys.argv[1])
+
+    async def main() -> None:
+        writer = AuditWriter(path, flush_interval=3600)
+        writer.start()
+        await writer.commit(*request("before", "alice"))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        size = writer.journal._current.size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 300, resource.RLIM_INFINITY))
+        try:
+            await writer.commit(*request("refused", "alice"))
+        except ServiceUnavailable:
+            pass
+        else:
+            raise SystemExit("the cut-short commit was acknowledged")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        await writer.commit(*request("after", "alice"))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    asyncio.run(main())
+    """
+)
+
+
+def run_and_kill(script: str, *args: object) -> None:
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", _DIES, str(path), str(first), str(then)], env=env, timeout=60)
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, timeout=60)
     assert done.returncode == -9
+
+
+def killed_after(path: Path, first: int, then: int) -> None:
+    run_and_kill(_DIES, path, first, then)
 
 
 def request_ids(path: Path) -> list[str]:
@@ -134,10 +175,125 @@ async def test_a_full_disk_refuses_the_commit_and_the_next_goes_to_a_new_file(tm
             await writer.commit(*request("refused", "alice"))
         await writer.commit(*request("after", "alice"))
         assert writer.flush()
+        assert len(list(journal_folder(path).iterdir())) == 1  # the file given up on is gone once settled
     finally:
         writer.close()
     assert request_ids(path) == ["before"] * 3 + ["after"] * 3
     assert list(journal_folder(path).iterdir()) == []
+
+
+def test_a_commit_cut_short_is_cut_off_the_journal(tmp_path: Path) -> None:
+    """A refused commit leaves no line behind: a crash later does not put half of it on record."""
+    path = tmp_path / "audit.db"
+    run_and_kill(_CUT_SHORT, path)
+    assert len(list(journal_folder(path).iterdir())) == 1  # the same file went on: nothing leaked
+    writer = AuditWriter(path)
+    writer.start()
+    writer.close()
+    assert request_ids(path) == ["before"] * 3 + ["after"] * 3
+
+
+async def test_a_new_journal_file_is_locked_before_it_is_seen(tmp_path: Path) -> None:
+    """Recovery running while a writer rotates never finds one of its files unlocked (and deletes it)."""
+    path = tmp_path / "audit.db"
+    writer = AuditWriter(path, flush_interval=3600)
+    assert writer.journal is not None
+    writer.journal._rotate_bytes = 1  # a new file for every commit
+    writer.start()
+    taken: list[str] = []
+    stop = threading.Event()
+
+    def recover_all_the_time() -> None:
+        while not stop.is_set():
+            for left in left_over(journal_folder(path)):
+                taken.append(left.name)
+                left.remove()
+
+    recovering = threading.Thread(target=recover_all_the_time)
+    recovering.start()
+    try:
+        for n in range(300):
+            await writer.commit(*request(f"r{n}", "alice"))
+        assert writer.flush()
+    finally:
+        stop.set()
+        recovering.join()
+        writer.close()
+    assert taken == []
+    assert len(request_ids(path)) == 900
+    assert list(journal_folder(path).iterdir()) == []
+
+
+def test_a_writer_stuck_at_close_keeps_its_journal_locked(tmp_path: Path) -> None:
+    """If the writer's thread outlives `close()` (the store locked by someone else), a starting process
+    must not move the same records: the journal stays locked until the thread (or the process) ends."""
+    path = tmp_path / "audit.db"
+    writer = AuditWriter(path, flush_interval=3600)
+    writer.start()
+    asyncio.run(writer.commit(*request("one", "alice")))
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the trail's write lock, held elsewhere
+    try:
+        writer.close(timeout=0.3)  # its last batch waits for the lock: stuck
+        assert list(left_over(journal_folder(path))) == []
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert writer._thread is not None
+    writer._thread.join(15)
+    late = AuditWriter(path)
+    late.start()
+    late.close()
+    assert request_ids(path) == ["one"] * 3
+
+
+async def test_a_deleted_journal_folder_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    writer = AuditWriter(path, flush_interval=0.01)
+    writer.start()
+    try:
+        await writer.commit(*request("before", "alice"))
+        shutil.rmtree(journal_folder(path))
+        await writer.commit(*request("during", "alice"))  # into the deleted file: kept in memory
+        wait_for(lambda: journal_folder(path).is_dir() or writer.journal is None or writer.journal._current is None)
+        await writer.commit(*request("after", "alice"))  # a new file in a new folder
+        assert [p.suffix for p in journal_folder(path).iterdir()] == [".jsonl"]
+        assert writer.flush()
+    finally:
+        writer.close()
+    assert request_ids(path) == [i for i in ("before", "during", "after") for _ in range(3)]
+
+
+def test_what_is_not_a_journal_stops_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    folder = journal_folder(path)
+    folder.mkdir()
+    os.mkfifo(folder / "planted.jsonl")  # would hang a reader
+    with pytest.raises(OSError, match="not a regular file"):
+        AuditWriter(path).start()
+    (folder / "planted.jsonl").unlink()
+    (tmp_path / "elsewhere.jsonl").write_bytes(b"")
+    (folder / "link.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    with pytest.raises(OSError, match="cannot be opened"):
+        AuditWriter(path).start()
+    (folder / "link.jsonl").unlink()
+    (folder / "odd.jsonl").write_bytes(b'{"kind": "decision"}\n{"request_id": "x", "kind": "identity", "time": 1}\n')
+    with pytest.raises(ValueError, match="byte 0 is not a record"):
+        AuditWriter(path).start()
+    (folder / "odd.jsonl").write_bytes(b'{"request_id": "x", "kind": "identity", "time": 1}\n[1]\n')
+    with pytest.raises(ValueError, match="byte 51 is not a record"):
+        AuditWriter(path).start()
+
+
+def test_old_sqlite_parameter_limits_are_kept(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "audit.db")
+    store.open()
+    store._writer().setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)  # SQLite before 3.32
+    records = [r for n in range(700) for r in request(f"r{n}", "alice")]
+    store.append(records)
+    store.close()
+    assert len(request_ids(tmp_path / "audit.db")) == 2100
+    assert verify(tmp_path / "audit.db", {"keys": []}).ok
 
 
 async def test_rotated_files_are_deleted_once_in_the_trail(tmp_path: Path) -> None:
