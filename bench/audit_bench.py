@@ -183,6 +183,12 @@ def _slice(port: int, token: str, count: int) -> list[float]:
 
 def e2e(args: argparse.Namespace) -> None:
     here = Path(__file__).resolve().parent
+    # why: as bench/run.py does on 2+ cores: the gateways on CPU 0, everything else (this process, its
+    # client, wrk, the mock upstream) on CPU 1, so a gateway's numbers are its own CPU's.
+    pin = (os.cpu_count() or 1) >= 2
+    gateway_cpu, load_cpu = (0, 1) if pin else (None, None)
+    if load_cpu is not None:
+        os.sched_setaffinity(0, {load_cpu})
     with tempfile.TemporaryDirectory() as folder:
         upstream = subprocess.Popen(
             [sys.executable, str(here / "mock_upstream.py"), "--port", "0"], stdout=subprocess.PIPE, text=True
@@ -211,6 +217,8 @@ def e2e(args: argparse.Namespace) -> None:
             for variant in VARIANTS:
                 ports[variant] = port = _free_port()
                 argv = [sys.executable, __file__, "--serve", variant, str(config), str(port)]
+                if gateway_cpu is not None:
+                    argv = ["taskset", "-c", str(gateway_cpu), *argv]
                 processes.append(subprocess.Popen(argv, env=env))
                 _wait_ready(port, "/healthz", time.monotonic() + 30)
             waits: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
@@ -229,7 +237,7 @@ def e2e(args: argparse.Namespace) -> None:
                 for _ in range(3):
                     for variant in rates:
                         url = f"http://127.0.0.1:{ports[variant]}/v1/chat/completions"
-                        result = loadgen.run_wrk(url, script, connections=64, seconds=3, cpu=None)
+                        result = loadgen.run_wrk(url, script, connections=64, seconds=3, cpu=load_cpu)
                         assert result.errors == 0, result
                         rates[variant].append(result.rps)
         finally:
