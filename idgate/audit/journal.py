@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ROTATE_BYTES", "Journal", "LeftOver", "journal_folder", "left_over"]
+__all__ = ["ROTATE_BYTES", "Journal", "LeftOver", "journal_folder", "left_over", "unmoved"]
 
 log = logging.getLogger("idgate.audit")
 
@@ -258,3 +258,24 @@ def left_over(folder: Path) -> Iterator[LeftOver]:
             os.close(fd)
             continue
         yield LeftOver(path, fd)
+
+
+def unmoved(folder: Path, positions: dict[str, int]) -> int:
+    """How many journal lines in `folder` lie past the positions the trail reached (read only, no lock taken).
+
+    why no lock: a reader holding one would make a starting gateway skip the file as a live one's.
+    """
+    count = 0
+    if not folder.is_dir():
+        return 0
+    for path in folder.glob(f"*{SUFFIX}"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                count += len(LeftOver(path, fd).lines(positions.get(path.name, 0)))
+        finally:
+            os.close(fd)
+    return count

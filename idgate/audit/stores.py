@@ -298,6 +298,19 @@ class SqliteStore:
         finally:
             connection.close()
 
+    def journal_positions(self) -> dict[str, int]:
+        """How far into each commit journal file the trail reaches (read only)."""
+        connection = self._reader()
+        try:
+            return {
+                name: int(position)
+                for name, position in connection.execute("SELECT name, position FROM audit_journals")
+            }
+        except sqlite3.OperationalError:  # a trail from before the journal
+            return {}
+        finally:
+            connection.close()
+
     def checkpoint_rows(self) -> list[CheckpointRow]:
         connection = self._reader()
         try:
