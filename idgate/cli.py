@@ -116,7 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     audit_query.add_argument("--task", help="the credential's task")
     audit_query.add_argument("--model", help="the model asked for")
     audit_query.add_argument("--tool", help="a tool offered, removed or flagged")
-    audit_query.add_argument("--decision", choices=["allow", "deny"], help="what policy decided")
+    audit_query.add_argument(
+        "--decision",
+        choices=["allow", "deny"],
+        help="what policy decided about the request (deny: refused; allow: let through, perhaps with tools removed)",
+    )
     audit_query.add_argument("--since", metavar="WHEN", help="from this time: ISO-8601 or an age like 2h, 7d")
     audit_query.add_argument("--until", metavar="WHEN", help="up to this time: ISO-8601 or an age like 2h, 7d")
     audit_query.add_argument("--limit", type=_bounded(1, 1_000_000), default=100, help="at most N rows (default 100)")

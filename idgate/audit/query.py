@@ -21,6 +21,7 @@ from typing import Any
 
 from idgate.audit.records import story
 from idgate.audit.stores import SqliteStore, Store
+from idgate.errors import shown
 
 __all__ = ["TABLE_HEADER", "UnknownRequest", "explain", "format_time", "parse_when", "query", "table_row"]
 
@@ -91,8 +92,25 @@ def _tools(record: dict[str, Any]) -> set[str]:
 
 
 def _refused(record: dict[str, Any]) -> bool:
-    """Whether any of the request's decisions refused something (its model, or a tool it offered)."""
-    return any(v.get("allowed") is False for v in record.get("decisions") or ())
+    """Whether policy refused the request: its model, or (`unentitled_tools: refuse`) a tool it offered.
+
+    A tool removed while the request went on to the model is not a refusal of the request:
+    `--tool NAME` and `explain` show those.
+    """
+    verdict = record.get("decision") or {}
+    if verdict.get("allowed") is False:
+        return True
+    forwarded = "model" in (record.get("kinds") or ())
+    return not forwarded and any(v.get("allowed") is False for v in (record.get("decisions") or [])[1:])
+
+
+def _tools_refused(record: dict[str, Any]) -> list[str]:
+    """The tools a chat offered that policy refused (the first decision is the model's)."""
+    return [
+        str((v.get("resource") or {}).get("id"))
+        for v in (record.get("decisions") or [])[1:]
+        if v.get("allowed") is False
+    ]
 
 
 def _matches(
@@ -111,7 +129,7 @@ def _matches(
     if decision == "deny":
         decided = _refused(record)
     elif decision == "allow":
-        decided = bool(verdict) and verdict.get("allowed") is True and not _refused(record)
+        decided = bool(verdict) and not _refused(record)
     else:
         decided = True
     checks = (
@@ -143,9 +161,9 @@ def query(
 
     `subject` is the subject's id; `agent` any actor's id in the chain; `tool` a tool
     offered, removed, flagged, decided on or called (`NAME` or `SERVER/NAME`); `decision`
-    "deny" for requests with any refused decision (the model, or a tool it offered, even
-    one removed while the call went on), "allow" for those whose every decision allowed
-    (records without a policy decision, e.g. unauthenticated calls, match neither). `since`/`until` take epoch
+    "deny" for requests policy refused (their model, or a tool they offered when such requests
+    are refused), "allow" for those it let through (perhaps with tools removed: see `tool`);
+    records without a policy decision, e.g. unauthenticated calls, match neither. `since`/`until` take epoch
     seconds, ISO-8601 or an age like `2h`, `7d`.
     """
     if decision not in (None, "allow", "deny"):
@@ -167,21 +185,20 @@ def table_row(record: dict[str, Any]) -> list[str]:
     verdict = record.get("decision")
     if verdict is None:
         decided = "-"
+    elif verdict.get("allowed") is False:
+        decided = "deny" + (f": {verdict['reason']}" if verdict.get("reason") else "")
     else:
-        decided = ("allow" if verdict.get("allowed") else "deny") + (
-            f": {verdict['reason']}" if verdict.get("reason") else ""
-        )
-        tools = [  # the first decision is `verdict`; the others are the tools a chat offered
-            str((v.get("resource") or {}).get("id"))
-            for v in (record.get("decisions") or [])[1:]
-            if v.get("allowed") is False
-        ]
-        if tools:
-            decided += f" (refused {', '.join(tools)})"
+        tools = _tools_refused(record)
+        if _refused(record):
+            decided = f"deny: tool {', '.join(tools)}"
+        else:
+            decided = "allow" + (f": {verdict['reason']}" if verdict.get("reason") else "")
+            if tools:
+                decided += f" (removed {', '.join(tools)})"
     who = subject.get("id") or "-"
     if subject.get("tenant"):
         who += f"@{subject['tenant']}"
-    return [
+    cells = [
         format_time(record["time"]),
         record["request_id"],
         who,
@@ -190,6 +207,9 @@ def table_row(record: dict[str, Any]) -> list[str]:
         decided,
         str(record.get("status")),
     ]
+    # why: cells hold what callers and issuers chose (ids, tool names): no control characters
+    # may reach a reviewer's terminal, nor a newline forge a row.
+    return [shown(cell, 400) for cell in cells]
 
 
 def _who(principal: dict[str, Any]) -> str:
@@ -242,7 +262,11 @@ def _sentences(record: dict[str, Any]) -> list[str]:
         if index > 0 and resource.get("type") == "tool" and record.get("tools_offered"):
             # A function tool the chat request offered: kept for the model, or not.
             if one.get("allowed"):
-                allowed = "allowed (offered to the model)"
+                allowed = (
+                    "allowed (offered to the model)"
+                    if forwarded
+                    else "allowed (but the request was refused for another tool)"
+                )
             elif forwarded:
                 allowed = "refused (removed before the model saw the request)"
             else:
@@ -317,4 +341,6 @@ def explain(trail: Path | Store, request_id: str) -> str:
     records = _store(trail).request_records(request_id)
     if not records:
         raise UnknownRequest(request_id)
-    return "\n".join(_sentences(story(records)))
+    # why shown(): the story quotes what callers chose (tool names, ids): no control character may
+    # reach a reviewer's terminal, nor a newline forge a sentence.
+    return "\n".join(shown(line, 1 << 20) for line in _sentences(story(records)))

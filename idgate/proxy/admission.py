@@ -17,6 +17,7 @@ its answers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,6 +33,13 @@ DATA_CLASS_HEADER = b"x-idgate-data-class"
 
 # Attributes of a function tool that no entity data declares: the strictest class.
 _UNDECLARED_TOOL = {"action": "write", "tenant": "*"}
+
+# OpenAI's own rules for function tools: at most 128 per request, names of 1-64 letters, digits, `_`, `-`.
+# why enforce them: each tool is a policy decision and a decision record committed before forwarding,
+# and its name is printed by `idgate audit query` / `explain`: unbounded or free-form names would
+# let a caller inflate the trail or forge lines in what reviewers read.
+MAX_TOOLS = 128
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(slots=True)
@@ -75,14 +83,17 @@ class Admission:
 
     def admit(self, caller: Caller, model: str, body: dict[str, Any], declared: bytes | None) -> Admitted:
         """Decide the call; raise `Forbidden` (with the decision kept on the exception's admitted)."""
+        tools = body.get("tools")
+        offered = _function_tools(tools) if isinstance(tools, list) and tools else []
         data_class, classification = self.data_class(caller, body, declared)
         context = {"data_class": data_class}
         decision = self._authorizer.authorize(caller, "invoke_model", Resource("model", model), context)
         admitted = Admitted(data_class, classification, decision)
+        admitted.tools_offered = offered  # on record even when the model is refused: `query --tool` finds it
         if not decision.allowed:
             raise Refused(admitted, f"access to model `{model}` is refused ({decision.reason})")
-        tools = body.get("tools")
-        if isinstance(tools, list) and tools:
+        if offered:
+            assert isinstance(tools, list)
             self._filter_tools(caller, body, tools, context, admitted)
         return admitted
 
@@ -98,20 +109,23 @@ class Admission:
         allowed: set[str] = set()
         decisions: list[tuple[str, Decision]] = []
         admitted.tool_decisions = decisions
+        decided: dict[str, bool] = {}  # why: a name offered twice is decided (and recorded) once
         for tool in tools:
             name = _tool_name(tool)
             if name is None:
                 kept.append(tool)  # not a function tool (a provider's built-in): nothing to authorize
                 continue
-            admitted.tools_offered.append(name)
-            resource = Resource("tool", f"{self._server}/{name}", attributes=_UNDECLARED_TOOL)
-            decision = self._authorizer.authorize(caller, "call_tool", resource, context)
-            decisions.append((resource.id, decision))
-            if decision.allowed:
+            if name not in decided:
+                resource = Resource("tool", f"{self._server}/{name}", attributes=_UNDECLARED_TOOL)
+                decision = self._authorizer.authorize(caller, "call_tool", resource, context)
+                decisions.append((resource.id, decision))
+                decided[name] = decision.allowed
+                if decision.allowed:
+                    allowed.add(name)
+                else:
+                    admitted.tools_removed.append(name)
+            if decided[name]:
                 kept.append(tool)
-                allowed.add(name)
-            else:
-                admitted.tools_removed.append(name)
         admitted.allowed_tools = frozenset(allowed)
         if not admitted.tools_removed:
             return
@@ -146,6 +160,25 @@ class Refused(Forbidden):
     def __init__(self, admitted: Admitted, message: str) -> None:
         super().__init__(message)
         self.admitted = admitted
+
+
+def _function_tools(tools: list[Any]) -> list[str]:
+    """The distinct function tool names a request offers; `BadRequest` past OpenAI's limits."""
+    names: dict[str, None] = {}  # in the order offered
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            continue
+        name = _tool_name(tool)
+        if name is None or not _TOOL_NAME.fullmatch(name):
+            # why also a missing name: a function tool nobody can authorize must not pass as a built-in one
+            raise BadRequest(
+                f"`tools[{index}].function.name` must be 1-64 letters, digits, `_` or `-`"
+                + (f", not `{shown(name)}`" if isinstance(name, str) else "")
+            )
+        names[name] = None
+        if len(names) > MAX_TOOLS:
+            raise BadRequest(f"a request may offer at most {MAX_TOOLS} function tools")
+    return list(names)
 
 
 def _tool_name(item: Any) -> str | None:

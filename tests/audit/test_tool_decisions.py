@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -12,7 +13,7 @@ import openai
 import orjson
 import pytest
 
-from idgate.audit.query import explain, query
+from idgate.audit.query import explain, query, table_row
 from tests.conftest import MakeGateway, base_config
 from tests.support import Gateway, TestIssuer, Upstream, wait_for
 
@@ -32,10 +33,15 @@ def tool(name: str) -> Any:  # a ChatCompletionFunctionToolParam
 
 
 def tools_gateway(
-    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path, **policy: Any
+    make_gateway: MakeGateway,
+    issuer: TestIssuer,
+    upstream: Upstream,
+    tmp_path: Path,
+    entity_data: str = ENTITIES,
+    **policy: Any,
 ) -> Gateway:
     entities = tmp_path / "entities.yaml"
-    entities.write_text(ENTITIES)
+    entities.write_text(entity_data)
     config = base_config(issuer, upstream)
     config["policy"] = {"entities": [str(entities)], **policy}
     return make_gateway(config)
@@ -107,10 +113,13 @@ def test_each_offered_tool_has_its_own_decision_record(
     assert "policies `entitled-tool`" in story
     assert "call_tool on tool `functions/delete_account`: refused (removed before the model saw the request)" in story
     assert "saw data class" in story
-    # Found by the tool its decision names, and as a request with a refused decision.
+    # Found by the tool its decision names; the request itself was let through (a tool removed), so it is
+    # "allow", and the table says what was removed.
     assert [r["request_id"] for r in query(gateway.config.audit_path, tool="functions/delete_account")] == [request_id]
-    assert [r["request_id"] for r in query(gateway.config.audit_path, decision="deny")] == [request_id]
-    assert [r["request_id"] for r in query(gateway.config.audit_path, decision="allow")] == [plain_id]
+    assert [r["request_id"] for r in query(gateway.config.audit_path, decision="deny")] == []
+    allowed = query(gateway.config.audit_path, decision="allow")
+    assert [r["request_id"] for r in allowed] == [plain_id, request_id]
+    assert table_row(allowed[1])[5] == "allow: allowed (removed functions/delete_account)"
 
 
 def committed_kinds(gateway: Gateway, trace: str) -> list[str]:
@@ -141,4 +150,60 @@ def test_a_request_refused_for_its_tools_has_their_decisions(
     gateway.stop()
     story = explain(gateway.config.audit_path, request_id)
     assert "call_tool on tool `functions/delete_account`: refused (the request was refused for it)" in story
+    assert "functions/get_weather`: allowed (but the request was refused for another tool)" in story
     assert "nothing was forwarded" in story
+    (denied,) = query(gateway.config.audit_path, decision="deny")
+    assert denied["request_id"] == request_id and query(gateway.config.audit_path, decision="allow") == []
+    assert table_row(denied)[5] == "deny: tool functions/delete_account"
+
+
+def test_tool_names_and_counts_are_openais_and_each_name_is_decided_once(
+    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Each tool is a decision record committed before forwarding, and its name is printed to reviewers:
+    a name that could forge a line of `idgate audit query`, or thousands of tools, are refused (400)."""
+    gateway = tools_gateway(make_gateway, issuer, upstream, tmp_path)
+    token = issuer.mint({"sub": "mallory", "tenant": "acme"})
+    forged = "x)  200\n2026-11-29T01:00:00Z  req_0  ceo@acme  -  gpt-test  allow  200 \x1b[8m"
+    cases = [
+        ([tool(forged)], "must be 1-64 letters, digits"),
+        ([tool("evil/get_weather")], "must be 1-64 letters, digits"),
+        ([tool("a" * 65)], "must be 1-64 letters, digits"),
+        ([{"type": "function", "function": {"parameters": {}}}], "tools[0].function.name"),  # no name: not a built-in
+        ([tool(f"t{n}") for n in range(129)], "at most 128 function tools"),
+    ]
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=token, max_retries=0) as client:
+        for tools, message in cases:
+            with pytest.raises(openai.BadRequestError, match=re.escape(message)):
+                client.chat.completions.create(
+                    model="gpt-test", messages=[{"role": "user", "content": "hi"}], tools=tools
+                )
+        assert upstream.received == []
+        twice = client.chat.completions.with_raw_response.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[tool("get_weather"), tool("get_weather"), *[tool(f"t{n}") for n in range(126)]],
+        )
+    request_id = twice.headers["x-request-id"]
+    wait_for(lambda: any(r["kind"] == "model" for r in of_request(gateway, request_id)))
+    decisions = [r for r in of_request(gateway, request_id) if r["kind"] == "decision"]
+    assert len(decisions) == 1 + 127  # the model, and each distinct tool once
+    assert upstream.received[-1]["body"]["tools"][:2] == [tool("get_weather"), tool("get_weather")]
+
+
+def test_a_refused_model_keeps_the_tools_it_was_offered_on_record(
+    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, tmp_path: Path
+) -> None:
+    gateway = tools_gateway(make_gateway, issuer, upstream, tmp_path, ENTITIES.replace("gpt-test, ", ""))
+    with (
+        openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=issuer.mint(), max_retries=0) as client,
+        pytest.raises(openai.PermissionDeniedError) as refused,
+    ):
+        client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}], tools=[tool("delete_account")]
+        )
+    request_id = refused.value.response.headers["x-request-id"]
+    wait_for(lambda: len(of_request(gateway, request_id)) == 2)
+    gateway.stop()
+    (found,) = query(gateway.config.audit_path, tool="delete_account")
+    assert found["request_id"] == request_id and found["decision"]["allowed"] is False
