@@ -103,6 +103,7 @@ def test_the_upstream_span_parent_is_the_exported_request_span(
     wait_for(lambda: any(s.trace_id.hex() == trace for s in collector.spans()), timeout=10)
     (span,) = [s for s in collector.spans() if s.trace_id.hex() == trace]
     assert sent_upstream(upstream)["traceparent"] == f"00-{trace}-{span.span_id.hex()}-01"
+    gateway.stop()  # why: its exporter's last posts end before the collector (torn down first) stops
 
 
 def test_a_trace_the_gateway_starts_and_exports_goes_upstream_sampled(
@@ -114,6 +115,7 @@ def test_a_trace_the_gateway_starts_and_exports_goes_upstream_sampled(
     request_id = chat(gateway, issuer.mint(), {})
     record = model_record(gateway, request_id)
     assert sent_upstream(upstream) == {"traceparent": f"00-{record['trace_id']}-{record['upstream_span']}-01"}
+    gateway.stop()  # why: its exporter's last posts end before the collector (torn down first) stops
 
 
 def test_new_trace_flags_say_whether_the_gateway_records_the_trace() -> None:
@@ -179,3 +181,4 @@ async def test_an_mcp_tool_call_span_is_exported_as_the_tool_servers_parent(
     assert span.trace_id.hex() == trace and attributes["idgate.tool"] == "tools/read_invoice"
     assert attributes["http.response.status_code"] == 200 and attributes["idgate.decision.allowed"] is True
     assert span.end_time_unix_nano >= span.start_time_unix_nano
+    gateway.stop()  # why: its exporter's last posts end before the collector (torn down first) stops

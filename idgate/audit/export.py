@@ -167,6 +167,10 @@ class OtlpExport:
         from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans
 
         resource = Resource(attributes=_attributes({"service.name": self._service}))
+        # why two passes: a refused request's records are [identity (ended), decision, ...] in one batch;
+        # its span, closed by the identity record, must carry the decision that came after it.
+        for record in batch:
+            self._note(record)
         spans = [span for record in batch if (span := self._span(record)) is not None]
         logs = [
             LogRecord(
@@ -193,18 +197,22 @@ class OtlpExport:
         self.post("/v1/logs", logged.SerializeToString())
         self.sent += len(batch)
 
+    def _note(self, record: dict[str, Any]) -> None:
+        """Keep a request's identity and (first) decision until the record that ends it."""
+        kind, request_id = record.get("kind"), str(record.get("request_id"))
+        if kind == "identity":
+            self._open.setdefault(request_id, {})["identity"] = record
+            while len(self._open) > self.MAX_OPEN_REQUESTS:
+                self._open.popitem(last=False)
+        elif kind == "decision":
+            self._open.setdefault(request_id, {}).setdefault("decision", record)
+
     def _span(self, record: dict[str, Any]) -> Any:
         """The request's span, when `record` ends it; None otherwise."""
         kind, request_id = record.get("kind"), str(record.get("request_id"))
         if kind == "identity":
-            self._open[request_id] = {"identity": record}
-            while len(self._open) > self.MAX_OPEN_REQUESTS:
-                self._open.popitem(last=False)
             if "status" not in record:
                 return None
-        elif kind == "decision":
-            self._open.setdefault(request_id, {}).setdefault("decision", record)
-            return None
         elif kind == "action" and record.get("action") == "tool_call" and request_id in self._open:
             pass  # an MCP tool call's end: its span is emitted too, or the tool server's spans would have no parent
         elif kind != "model":

@@ -118,3 +118,14 @@ def test_otlp_export_sends_a_span_per_request_and_records_as_logs(
         x.SerializeToString() for x in collector.logs
     )
     assert token.encode() not in wire and b"secret plans" not in wire
+
+    # A refusal's records come as [identity (ended), decision]: its span still carries the decision.
+    refused_trace = os.urandom(16).hex()
+    body = orjson.dumps({"model": "beta-only", "messages": [{"role": "user", "content": "hi"}]})
+    headers = {"Authorization": f"Bearer {token}", "traceparent": f"00-{refused_trace}-{parent}-01"}
+    assert raw_request(gateway.url, "POST", "/v1/chat/completions", body, headers).status == 403
+    wait_for(lambda: any(s.trace_id.hex() == refused_trace for s in collector.spans()), timeout=10)
+    (refusal,) = [s for s in collector.spans() if s.trace_id.hex() == refused_trace]
+    said = {a.key: plain(a.value) for a in refusal.attributes}
+    assert said["http.response.status_code"] == 403 and said["idgate.decision.allowed"] is False
+    gateway.stop()  # why: its exporter's last posts end before the collector (torn down first) stops
