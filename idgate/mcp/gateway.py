@@ -17,9 +17,8 @@ A POST carries one JSON-RPC message (batches are refused). For it:
    data, else the server's `tools`, else `unknown_tool_class`) and the data
    class of the arguments, through the same authorizer as model calls. A tool
    withheld as changed (see `pins.py`) is refused, and so is any non-read call
-   through a server without minted credentials. `Mcp-Method` / `Mcp-Name`
-   headers that disagree with the body are refused (the body is what was
-   decided). Then the budgets (`budgets.py`).
+   through a server without minted credentials. Then the budgets
+   (`budgets.py`).
    A refusal is a JSON-RPC error (403, or 429 for a budget) whose `data` holds
    the decision id; it is on record, and the upstream never sees the call.
 3. **the credential**: for every request the upstream gets a token minted for
@@ -30,10 +29,10 @@ A POST carries one JSON-RPC message (batches are refused). For it:
    `/.well-known/jwks.json`). The caller's `Authorization` is never sent.
 4. **the call**: the identity and decision records are committed first; then
    the message goes upstream with the MCP headers (`Mcp-Session-Id`,
-   `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`,
-   `Last-Event-ID`) and a `traceparent` of the gateway's own: the request's
-   trace (the caller's, if it sent a valid one), the request's span as the
-   parent (`upstream_traceparent`); the caller's `traceparent`, `tracestate`
+   `MCP-Protocol-Version`, `Last-Event-ID`, and the routing headers, checked:
+   see below) and a `traceparent` of the gateway's own: the request's trace
+   (the caller's, if it sent a valid one), the request's span as the parent
+   (`upstream_traceparent`); the caller's `traceparent`, `tracestate`
    and `baggage` are never relayed as they came. JSON and SSE answers are relayed as they
    come; `tools/list` answers are read whole, filtered (only tools this
    caller may call, never a withheld one) and written anew, never relayed as
@@ -42,6 +41,23 @@ A POST carries one JSON-RPC message (batches are refused). For it:
    line ends) events whose data does not parse are dropped. An upstream that
    is down, slow or refuses the gateway's credential is a 502/504 with a
    JSON-RPC error, never a hang.
+
+**Routing headers** (MCP 2026-07-28: copies of body fields, for proxies and
+load balancers that route without reading the body) are checked once the caller
+is known, on every message, not only on the decided ones: the decision is made
+on the body, and a tool server, or whatever is in front of it, may act on the
+headers. `Mcp-Method` must equal the body's method (requests, notifications,
+answers: anything); `Mcp-Name` comes only with a method that names something
+(`tools/call`, `prompts/get`: `params.name`; `resources/read`,
+`resources/subscribe`, `resources/unsubscribe`: `params.uri`) and must equal
+it; `Mcp-Param-X` comes only with `tools/call`, for the top-level argument
+named X (in any case: the gateway does not hold the tool's `x-mcp-header`
+annotations, so a tool whose annotation names another header than its
+argument cannot be called with it), a string, integer or boolean, and must
+equal it as the spec renders it (`true`/`false`, decimal digits; verbatim or
+`=?base64?...?=`). None may come twice, and none with a GET or DELETE.
+Otherwise the answer is a 400, JSON-RPC error -32020 (the spec's header
+mismatch), and nothing goes upstream.
 
 GET (the server's event stream) and DELETE (end a session) are relayed the same
 way, with a minted token. A session (`Mcp-Session-Id`) belongs to the subject
@@ -101,6 +117,7 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 UNAUTHENTICATED = -32001
 REFUSED = -32003
+HEADER_MISMATCH = -32020  # MCP 2026-07-28: HTTP headers that disagree with the body
 BUDGET_EXCEEDED = -32029
 UPSTREAM_FAILED = -32050
 
@@ -122,6 +139,18 @@ _UP_HEADERS = frozenset(
     }
 )
 _UP_PREFIX = b"mcp-param-"
+# The routing headers of MCP 2026-07-28 (SEP-2243): copies of body fields for load balancers and
+# proxies that route without reading the body. Each is checked against the body before it is relayed.
+_METHOD_HEADER = b"mcp-method"
+_NAME_HEADER = b"mcp-name"
+# The methods that name something, and the `params` field their `Mcp-Name` copies.
+_NAMED_BY = {
+    "tools/call": "name",
+    "prompts/get": "name",
+    "resources/read": "uri",
+    "resources/subscribe": "uri",
+    "resources/unsubscribe": "uri",
+}
 # Response headers relayed back.
 _DOWN_HEADERS = frozenset({"content-type", "mcp-session-id", "cache-control", "retry-after"})
 _DECISIONS_KEPT = 10_000
@@ -282,6 +311,7 @@ class McpGateway:
         try:
             facts.caller = await self._caller(server, request)
             message = _message(await _body(request, self._max_body))
+            _check_routing_headers(request, message)
             session = self._check_session(server, request, facts.caller)
             method = message.get("method")
             if method in CONTROLLED:  # a notification that names a tool call is decided all the same
@@ -311,7 +341,6 @@ class McpGateway:
             name = params.get("name")
             if not isinstance(name, str) or not name:
                 raise _Refusal(400, INVALID_REQUEST, "`params.name` must name a tool", {})
-            _check_routing_headers(request, method, name)
             scope_name, tool_id = name, f"{server.config.name}/{name}"
             action_class = self._class_of(server, name)
             arguments = params.get("arguments")
@@ -319,14 +348,12 @@ class McpGateway:
             uri = params.get("uri")
             if not isinstance(uri, str) or not uri:
                 raise _Refusal(400, INVALID_REQUEST, "`params.uri` must name a resource", {})
-            _check_routing_headers(request, method, uri)
             scope_name = f"resource:{quote(uri, safe='')}"
             tool_id, action_class, arguments = f"{server.config.name}/{scope_name}", _READ, None
         else:
             prompt = params.get("name")
             if not isinstance(prompt, str) or not prompt:
                 raise _Refusal(400, INVALID_REQUEST, "`params.name` must name a prompt", {})
-            _check_routing_headers(request, method, prompt)
             scope_name = f"prompt:{quote(prompt, safe='')}"
             tool_id, action_class, arguments = f"{server.config.name}/{scope_name}", _READ, params.get("arguments")
         data_class = self._data_class(caller, arguments, request)
@@ -703,6 +730,7 @@ class McpGateway:
         facts = _facts(request)
         try:
             caller = facts.caller = await self._caller(server, request)
+            _check_no_routing_headers(request)
             session = self._check_session(server, request, caller)
             self._audit.check()
             headers = self._upstream_headers(server, request, caller, (f"mcp:{method}",), facts, {}, session)
@@ -840,23 +868,114 @@ class McpGateway:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _check_routing_headers(request: Request, method: str, name: str) -> None:
-    """`Mcp-Method` and `Mcp-Name` (2026-07-28), when sent, must say what the body says: the decision is
-    made on the body, and a server must not be routed by headers to another tool."""
-    header_method = request.header(b"mcp-method")
-    if header_method is not None and header_method.decode("latin-1") != method:
-        raise _Refusal(400, INVALID_REQUEST, "the `Mcp-Method` header does not match the body's method", {})
-    header_name = request.header(b"mcp-name")
-    if header_name is not None and _header_value(header_name.decode("latin-1")) != name:
-        raise _Refusal(400, INVALID_REQUEST, "the `Mcp-Name` header does not match the body's name", {})
+def _check_routing_headers(request: Request, message: Mapping[str, Any]) -> None:
+    """The routing headers (`Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`, MCP 2026-07-28) must say what the body says.
+
+    The gateway decides on the body; a tool server, or a load balancer in front of it, may act on the
+    headers. So each one relayed must be a copy of the body, on every message, not only on the calls
+    that are decided: `Mcp-Method` the body's method; `Mcp-Name` the name a naming method carries
+    (`_NAMED_BY`), and on no other method; `Mcp-Param-X` the `tools/call` argument it mirrors (see
+    `_check_param`), and on no other method. None may come twice. Anything else is a 400, before
+    anything goes upstream."""
+    method = message.get("method")
+    raw_params = message.get("params")
+    params: Mapping[str, Any] = raw_params if isinstance(raw_params, dict) else {}
+    seen: set[bytes] = set()
+    for key, raw in request.scope["headers"]:
+        header = key.lower()
+        if header not in (_METHOD_HEADER, _NAME_HEADER) and not header.startswith(_UP_PREFIX):
+            continue
+        shown_header = _shown_header(header)
+        # why: one copy is checked and one relayed; with two, a reader taking the other would see another value.
+        if header in seen:
+            raise _mismatch(f"the `{shown_header}` header is sent more than once")
+        seen.add(header)
+        value = raw.decode("latin-1")
+        if header == _METHOD_HEADER:
+            if value != method:
+                raise _mismatch("the `Mcp-Method` header does not match the body's method")
+        elif header == _NAME_HEADER:
+            field = _NAMED_BY.get(method) if isinstance(method, str) else None
+            if field is None:
+                raise _mismatch(f"the `Mcp-Name` header is only for {', '.join(_NAMED_BY)}")
+            named = params.get(field)
+            if not isinstance(named, str) or _header_value(value) != named:
+                raise _mismatch(f"the `Mcp-Name` header does not match the body's `params.{field}`")
+        else:
+            if method != "tools/call":
+                raise _mismatch(f"`{shown_header}` headers are only for tools/call")
+            _check_param(shown_header, header[len(_UP_PREFIX) :].decode("latin-1"), value, params.get("arguments"))
+
+
+def _check_param(shown_header: str, token: str, value: str, arguments: Any) -> None:
+    """An `Mcp-Param-X` header must be a copy of the `tools/call` argument it names.
+
+    The spec names the header after the `x-mcp-header` annotation in the tool's input schema, which
+    the gateway does not hold at call time; so it takes the header to mirror the top-level argument
+    whose name is X (header names know no case), and accepts it only if exactly one argument has that
+    name and the header holds its value as the spec renders it (`_rendered`), verbatim or in the
+    `=?base64?...?=` form. A header for an argument that is absent, nested, ambiguous or not a string,
+    integer or boolean cannot be checked, and is refused: a tool whose annotation names another header
+    than its argument cannot be called with the header through the gateway."""
+    named = [name for name in arguments if name.lower() == token] if isinstance(arguments, dict) else []
+    if len(named) != 1:
+        raise _mismatch(f"the `{shown_header}` header names no argument of this call")
+    assert isinstance(arguments, dict)
+    rendered = _rendered(arguments[named[0]])
+    if rendered is None:
+        raise _mismatch(f"the `{shown_header}` header can mirror only a string, integer or boolean argument")
+    if _header_value(value) != rendered:
+        raise _mismatch(f"the `{shown_header}` header does not match the body's argument `{shown(named[0])}`")
+
+
+def _rendered(argument: Any) -> str | None:
+    """An argument as an `Mcp-Param-*` header carries it (before encoding): None if it has no such form.
+
+    The spec allows the annotation on string, integer and boolean properties only (never `number`:
+    float formatting differs between implementations)."""
+    if isinstance(argument, bool):
+        return "true" if argument else "false"
+    if isinstance(argument, str):
+        return argument
+    if isinstance(argument, int):
+        return str(argument)
+    return None
+
+
+def _check_no_routing_headers(request: Request) -> None:
+    """A GET or DELETE carries no JSON-RPC message: a routing header on one names something nothing was decided on."""
+    for key, _ in request.scope["headers"]:
+        header = key.lower()
+        if header in (_METHOD_HEADER, _NAME_HEADER) or header.startswith(_UP_PREFIX):
+            raise _mismatch(f"the `{_shown_header(header)}` header is only for a POST of the message it names")
+
+
+def _mismatch(message: str) -> _Refusal:
+    return _Refusal(400, HEADER_MISMATCH, message, {"code": "header_mismatch"})
+
+
+def _shown_header(header: bytes) -> str:
+    """A header name as a message shows it: `Mcp-Param-Region` for `mcp-param-region`, bounded."""
+    name = "-".join(part.capitalize() for part in header.decode("latin-1").split("-"))
+    return shown(name)
 
 
 def _header_value(value: str) -> str | None:
-    """A header value as the MCP SDKs encode it: verbatim, or `=?base64?...?=` for anything not plain ASCII."""
+    """A header value as the MCP SDKs encode it: verbatim, or `=?base64?...?=` (UTF-8, canonical base64)
+    for anything not plain ASCII; None for a malformed one, which then matches nothing."""
     if value.startswith("=?base64?") and value.endswith("?="):
+        payload = value[9:-2]
         try:
-            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+            decoded = base64.b64decode(payload, validate=True)
+        except binascii.Error:
+            return None
+        # why: `validate=True` lets non-canonical padding bits through; two spellings of one value could differ
+        # to a proxy that compares the raw header.
+        if base64.b64encode(decoded).decode("ascii") != payload:
+            return None
+        try:
+            return decoded.decode("utf-8")
+        except UnicodeDecodeError:
             return None
     return value
 
