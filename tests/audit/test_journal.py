@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,17 @@ _CUT_SHORT = textwrap.dedent(
     asyncio.run(main())
     """
 )
+
+
+@contextlib.contextmanager
+def running(path: Path, flush_interval: float) -> Iterator[AuditWriter]:
+    """A started writer on the trail at `path`, closed at the end."""
+    writer = AuditWriter(path, flush_interval=flush_interval)
+    writer.start()
+    try:
+        yield writer
+    finally:
+        writer.close()
 
 
 def run_and_kill(script: str, *args: object) -> None:
@@ -167,9 +180,7 @@ async def test_a_running_writer_journal_is_not_taken_by_another(tmp_path: Path) 
 
 async def test_a_full_disk_refuses_the_commit_and_the_next_goes_to_a_new_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
-    writer = AuditWriter(path, flush_interval=3600)
-    writer.start()
-    try:
+    with running(path, 3600) as writer:
         await writer.commit(*request("before", "alice"))
         assert writer.journal is not None
         current = writer.journal._current
@@ -182,8 +193,6 @@ async def test_a_full_disk_refuses_the_commit_and_the_next_goes_to_a_new_file(tm
         await writer.commit(*request("after", "alice"))
         assert writer.flush()
         assert len(list(journal_folder(path).iterdir())) == 1  # the file given up on is gone once settled
-    finally:
-        writer.close()
     assert request_ids(path) == ["before"] * 3 + ["after"] * 3
     assert list(journal_folder(path).iterdir()) == []
 
@@ -255,9 +264,7 @@ def test_a_writer_stuck_at_close_keeps_its_journal_locked(tmp_path: Path) -> Non
 
 async def test_a_deleted_journal_folder_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
-    writer = AuditWriter(path, flush_interval=0.01)
-    writer.start()
-    try:
+    with running(path, 0.01) as writer:
         await writer.commit(*request("before", "alice"))
         shutil.rmtree(journal_folder(path))
         await writer.commit(*request("during", "alice"))  # into the deleted file: kept in memory
@@ -265,8 +272,6 @@ async def test_a_deleted_journal_folder_is_replaced(tmp_path: Path) -> None:
         await writer.commit(*request("after", "alice"))  # a new file in a new folder
         assert [p.suffix for p in journal_folder(path).iterdir()] == [".jsonl"]
         assert writer.flush()
-    finally:
-        writer.close()
     assert request_ids(path) == [i for i in ("before", "during", "after") for _ in range(3)]
 
 
@@ -323,9 +328,7 @@ async def test_rotated_files_are_deleted_once_in_the_trail(tmp_path: Path) -> No
 
 async def test_journaled_records_wait_out_a_broken_store_and_land_once(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
-    writer = AuditWriter(path, flush_interval=0.01)
-    writer.start()
-    try:
+    with running(path, 0.01) as writer:
         await writer.commit(*request("before", "alice"))
         assert writer.flush()
         with closing(sqlite3.connect(path)) as connection, connection:
@@ -338,8 +341,6 @@ async def test_journaled_records_wait_out_a_broken_store_and_land_once(tmp_path:
             connection.execute("ALTER TABLE hidden RENAME TO audit_records")
         wait_for(lambda: writer.healthy, timeout=5)
         assert writer.flush()
-    finally:
-        writer.close()
     assert request_ids(path) == ["before"] * 3 + ["during"] * 3
     assert verify(path, {"keys": []}).ok
 
@@ -347,12 +348,8 @@ async def test_journaled_records_wait_out_a_broken_store_and_land_once(tmp_path:
 def test_the_commit_costs_no_transaction(tmp_path: Path) -> None:
     """What the journal is for: a commit appends one line per record and touches no SQLite transaction."""
     path = tmp_path / "audit.db"
-    writer = AuditWriter(path, flush_interval=3600)
-    writer.start()
-    try:
+    with running(path, 3600) as writer:
         records: list[dict[str, Any]] = request("one", "alice")
         asyncio.run(writer.commit(*records))
         assert writer.batches == 0 and request_ids(path) == []
         assert [orjson.loads(line)["kind"] for line in journal_lines(path)] == ["identity", "decision", "model"]
-    finally:
-        writer.close()
