@@ -224,7 +224,7 @@ class IdgateApp:
         # A token for one MCP server (RFC 8707 `resource`) is good under /mcp/ only (idgate/sts/resources.py).
         self.gate.add_check(ResourceAudiences(mcp_resources(config.mcp, config.server.url)))
         # DPoP (RFC 9449): proofs' `jti`s and client assertions' are single-use across every worker.
-        self.replay = build_replay_cache(config.sts.replay_cache, config.home)
+        self.replay = build_replay_cache(config.sts.replay_cache, config.home, config.reveal)
         self.dpop = build_verifier(config.sts.dpop, config.server.url, config.home, self.replay)
         self.gate.add_check(DPoPCheck(self.dpop))
         self.policies = policy_store(config)

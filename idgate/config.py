@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from idgate.errors import ConfigError
+from idgate.secretref import SecretRef
 from idgate.sts.client_settings import JWS_ASYMMETRIC, RSA_EC_ALGORITHMS, algorithms_given
 from idgate.sts.lifecycle_settings import (
     AdminSettings,
@@ -79,32 +80,6 @@ Kind = Literal["human", "service", "agent"]
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class SecretRef(_Frozen):
-    """Where a secret lives: an environment variable or a file, never the YAML."""
-
-    env: str | None = None
-    file: Path | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> SecretRef:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("give exactly one of `env` or `file`")
-        return self
-
-    def reveal(self, env: Mapping[str, str]) -> str:
-        """Read the secret now; a missing one is a `ConfigError`."""
-        if self.env is not None:
-            value = env.get(self.env)
-            if not value:
-                raise ConfigError([f"secret: environment variable `{self.env}` is not set"])
-            return value
-        assert self.file is not None
-        try:
-            return self.file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError([f"secret: file `{self.file}` cannot be read: {exc.strerror}"]) from None
 
 
 def _no_inline_secret(value: Any) -> Any:

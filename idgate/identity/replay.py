@@ -19,6 +19,12 @@ Past one machine the second level is Redis (`sts.replay_cache.backend: redis`):
 replica. SQLite is the single-machine default (DESIGN.md, "Scale"). Any error
 of the store, a timeout included, is a `ServiceUnavailable`: a value that
 cannot be checked is refused.
+
+A Redis with a password is reached with a URL given as a secret
+(`redis_url: {env: NAME}` or `{file: PATH}`), revealed once when the cache is
+built; the URL is never logged. Like the other stores, nothing is connected
+until first use: an unreachable Redis, or one that refuses the password, fails
+each check (503, and an error in the log naming the cause), not the start.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ from pathlib import Path
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
-from idgate.errors import ServiceUnavailable
-from idgate.sts.client_settings import ReplayCacheSettings
+from idgate.errors import ConfigError, ServiceUnavailable
+from idgate.secretref import SecretRef
+from idgate.sts.settings import ReplayCacheSettings, redis_url_problem
 
 __all__ = [
     "REPLAY_FILE",
@@ -193,6 +200,14 @@ class RedisReplayCache:
         try:
             async with asyncio.timeout(self._timeout):
                 first = await self._redis.set(self._prefix + key.hex().encode(), b"1", nx=True, pxat=expires_ms)
+        except AuthenticationError as exc:
+            # why: not a passing outage but a configuration to fix; say so (never with the URL or the message).
+            log.error(
+                "replay cache on Redis: the server refused the credentials of `sts.replay_cache.redis_url` (%s);"
+                " every DPoP proof and client assertion is refused until they are fixed",
+                type(exc).__name__,
+            )
+            raise ServiceUnavailable("the replay cache cannot answer right now") from None
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("replay cache on Redis cannot answer: %s", type(exc).__name__)
             raise ServiceUnavailable("the replay cache cannot answer right now") from None
@@ -203,9 +218,15 @@ class RedisReplayCache:
         await self._redis.aclose()
 
 
-def build_replay_cache(settings: ReplayCacheSettings, home: Path) -> ReplayCache:
-    """The configured replay cache: SQLite in the state folder, or Redis."""
+def build_replay_cache(settings: ReplayCacheSettings, home: Path, reveal: Callable[[SecretRef], str]) -> ReplayCache:
+    """The configured replay cache: SQLite in the state folder, or Redis (its URL revealed with `reveal`)."""
     if settings.backend == "redis":
-        assert settings.redis_url is not None
-        return RedisReplayCache(settings.redis_url, prefix=settings.redis_prefix)
+        assert settings.redis_url is not None  # the settings require it
+        url = settings.redis_url
+        if isinstance(url, SecretRef):
+            url = reveal(url)  # a missing secret is a ConfigError: the gateway does not start
+            problem = redis_url_problem(url, secret=True)
+            if problem:
+                raise ConfigError([f"sts.replay_cache.redis_url: {problem}"])
+        return RedisReplayCache(url, prefix=settings.redis_prefix)
     return SqliteReplayCache(home / REPLAY_FILE)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,7 +24,6 @@ __all__ = [
     "RSA_EC_ALGORITHMS",
     "ClientSettings",
     "DPoPSettings",
-    "ReplayCacheSettings",
     "algorithms_given",
 ]
 
@@ -122,25 +120,3 @@ class DPoPSettings(_Frozen):
     nonce_lifetime_seconds: int = Field(300, gt=0, le=3600, description="how long a server nonce is accepted")
 
     _algorithms_given = field_validator("algorithms")(algorithms_given)
-
-
-class ReplayCacheSettings(_Frozen):
-    """Where single-use values (DPoP proofs' and client assertions' `jti`s) are remembered across workers."""
-
-    backend: Literal["sqlite", "redis"] = Field(
-        "sqlite", description="`sqlite`: STATE/replay.db, for the workers of one machine; `redis`: for every replica"
-    )
-    redis_url: str | None = Field(None, description="e.g. redis://127.0.0.1:6379/0 (no password in the URL)")
-    redis_prefix: str = Field("idgate:replay:", description="prefix of the replay cache's keys in Redis")
-
-    @model_validator(mode="after")
-    def _redis(self) -> ReplayCacheSettings:
-        if self.backend == "redis" and not self.redis_url:
-            raise ValueError("`backend: redis` needs `redis_url`")
-        if self.redis_url is not None:
-            parts = urlsplit(self.redis_url)
-            if parts.scheme not in ("redis", "rediss", "unix"):
-                raise ValueError("`redis_url` must be a redis://, rediss:// or unix:// URL")
-            if parts.password:
-                raise ValueError("`redis_url` must not contain a password: secrets are not allowed inline")
-        return self

@@ -18,7 +18,8 @@ from joserfc.jwk import KeySet, KeySetSerialization
 from idgate.errors import ServiceUnavailable
 from idgate.identity.dpop import DPoPVerifier, Nonces, ProofError, access_token_hash, jwk_thumbprint, normalize_url
 from idgate.identity.replay import MemoryReplayCache, RedisReplayCache, ReplayCache, SqliteReplayCache
-from idgate.sts.client_settings import DPoPSettings, ReplayCacheSettings
+from idgate.sts.client_settings import DPoPSettings
+from idgate.sts.settings import ReplayCacheSettings
 from tests.conftest import MakeGateway, base_config
 from tests.dpop_client import DPoPKey
 from tests.sts.conftest import ACCESS_TOKEN, TOKEN_EXCHANGE, Reply, StsGateway
