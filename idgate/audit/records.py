@@ -48,7 +48,6 @@ gateway cannot vet, and a provider or tool server is across a trust boundary.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -59,6 +58,7 @@ import orjson
 
 from idgate.audit.export import request_span_id
 from idgate.identity.principal import Caller
+from idgate.ids import random_hex
 from idgate.policy.decision import Decision
 
 __all__ = [
@@ -162,7 +162,7 @@ def upstream_traceparent(facts: RequestFacts, new_trace_flags: str) -> str:
 
 def new_trace_id() -> str:
     """A random W3C trace id: 32 lowercase hex digits."""
-    return os.urandom(16).hex()
+    return random_hex(16)
 
 
 def prompt_digest(body: Mapping[str, Any]) -> str | None:

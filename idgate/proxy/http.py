@@ -7,7 +7,6 @@ and writes responses (JSON, errors in OpenAI's shape, SSE); nothing else.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
@@ -22,6 +21,7 @@ from idgate.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
 )
+from idgate.ids import random_hex
 
 __all__ = [
     "Receive",
@@ -50,7 +50,7 @@ def new_request_id() -> str:
     why: the audit trail indexes records by request id; random ids put every insert on a random
     index page, which made each record ~3x as costly to store (37 vs 11 us, bench/audit_bench.py).
     """
-    return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"
+    return f"req_{time.time_ns() // 1_000_000:012x}{random_hex(6)}"
 
 
 class Request:
