@@ -22,6 +22,7 @@ from idgate.identity.devissuer import DevIssuer
 from idgate.identity.pseudonym import Pseudonyms
 from idgate.mcp.cli import add_commands as add_mcp_commands
 from idgate.mcp.cli import run as run_mcp
+from idgate.sts.cli import add_revoke_command, run_revoke
 
 if TYPE_CHECKING:
     from idgate.app import IdgateApp
@@ -100,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("--config", help="YAML config file (default: $IDGATE_CONFIG, else the embedded default)")
 
     add_mcp_commands(commands)
+    add_revoke_command(commands)
 
     audit = commands.add_parser("audit", help="check the audit trail")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -371,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keys(args)
         if args.command == "mcp":
             return run_mcp(args)
+        if args.command == "revoke":
+            return run_revoke(args)
         return _config(args)
     except ConfigError as error:
         where = f"{getattr(args, 'file', None) or getattr(args, 'config', None) or 'config'}"
