@@ -96,6 +96,7 @@ ACTIONS = (
     "unrecorded_reads",
     "tool_pinned",
     "tool_changed",
+    "list_filtered",
 )
 
 # The request parameters a model record keeps: settings, never content (no `messages`,

@@ -34,13 +34,40 @@ A POST carries one JSON-RPC message (batches are refused). For it:
    (the caller's, if it sent a valid one), the request's span as the parent
    (`upstream_traceparent`); the caller's `traceparent`, `tracestate`
    and `baggage` are never relayed as they came. JSON and SSE answers are relayed as they
-   come; `tools/list` answers are read whole, filtered (only tools this
-   caller may call, never a withheld one) and written anew, never relayed as
-   they came: one that does not parse, or is not this request's result with a
-   `tools` list (or an error), is a 502; in an event stream (CRLF, CR or LF
-   line ends) events whose data does not parse are dropped. An upstream that
-   is down, slow or refuses the gateway's credential is a 502/504 with a
-   JSON-RPC error, never a hang.
+   come, except list answers (below). An upstream that is down, slow or refuses
+   the gateway's credential is a 502/504 with a JSON-RPC error, never a hang.
+
+**List answers** (`tools/list`, `resources/list`, `resources/templates/list`,
+`prompts/list`) show a caller only what it may use: an entry is kept only if
+the call it names would be allowed — `tools/call` on a tool (never one withheld
+as changed), `resources/read` on a resource's `uri` (a template's own
+`uriTemplate`: its expansions cannot be known), `prompts/get` on a prompt —
+decided by `_authorize` exactly as `_decide` decides that call (same caller,
+actor chain, task, action class, and the data class the request's header and
+tenant give), but with no decision record per entry: one `list_filtered`
+action record per answer says how many were listed and withheld. On a POST
+the answer is read whole and written anew, never relayed as it came: one that
+does not parse, or is not this request's result with its list (or an error),
+is a 502; in an event stream (CRLF, CR or LF line ends) events whose data does
+not parse are dropped. `nextCursor` and the request's `cursor` pass as they are.
+
+A list answer can also arrive on a GET: a GET with `Last-Event-ID` makes the
+server replay a POST's stream, answer included, as it first sent it. So a list
+request goes upstream under an id of the gateway's own, `idgate-list:METHOD:ID`
+(ID the caller's id as JSON), and the caller gets its own id back; a GET's
+stream (resumed or the standalone one) is parsed and written anew event by
+event: an answer under such an id is filtered for the caller of the GET as on
+a POST (one that is not a list answer becomes a JSON-RPC error for the
+caller's id, and a record); the server's requests and notifications, and
+answers under any other id (requests that were no lists), pass; an event
+whose data is not a JSON object is dropped; an event with empty data (a
+resumption cursor), an `id` or `retry` alone, or a comment passes without
+content. A GET or DELETE answer that is no event stream is read whole and its
+one message treated alike. Why this and not remembering which requests were
+lists: the id travels with the answer, so it holds on every worker and
+replica, after a restart and for any replay, with no state to bound; nothing
+unattributable is left to drop. The cost: a `notifications/cancelled` for a
+list request names the caller's id, which the server does not know.
 
 **Routing headers** (MCP 2026-07-28: copies of body fields, for proxies and
 load balancers that route without reading the body) are checked once the caller
@@ -59,12 +86,13 @@ equal it as the spec renders it (`true`/`false`, decimal digits; verbatim or
 Otherwise the answer is a 400, JSON-RPC error -32020 (the spec's header
 mismatch), and nothing goes upstream.
 
-GET (the server's event stream) and DELETE (end a session) are relayed the same
-way, with a minted token. A session (`Mcp-Session-Id`) belongs to the subject
-that opened it: the client holds the upstream's id with an HMAC of it and the
-caller (`sessions.py`), checked on every request on every worker; another
-caller presenting it, or a bare or forged id, is refused (404). Both protocol
-generations pass: the handshake-era `initialize` with sessions, and
+GET (the server's event stream) and DELETE (end a session) go upstream with a
+minted token too; their answers are written anew (see list answers above). A
+session (`Mcp-Session-Id`) belongs to the subject that opened it: the client
+holds the upstream's id with an HMAC of it and the caller (`sessions.py`),
+checked on every request on every worker; another caller presenting it, or a
+bare or forged id, is refused (404). Both protocol generations pass: the
+handshake-era `initialize` with sessions, and
 2026-07-28's `server/discover` with self-contained requests.
 """
 
@@ -86,7 +114,12 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from idgate.audit.records import RequestFacts, identity_record, trace_context, upstream_traceparent
+from idgate.audit.records import (
+    RequestFacts,
+    identity_record,
+    trace_context,
+    upstream_traceparent,
+)
 from idgate.audit.writer import AuditWriter
 from idgate.config import SecretRef
 from idgate.errors import AuthenticationError, IdgateError, InvalidToken, PayloadTooLarge, shown
@@ -94,7 +127,7 @@ from idgate.identity.gate import Gate
 from idgate.identity.principal import Caller
 from idgate.mcp.budgets import BudgetExceeded, Budgets
 from idgate.mcp.pins import PinStore, tool_hash
-from idgate.mcp.records import arguments_digest, pin_record, tool_call_record, tool_decision_record
+from idgate.mcp.records import arguments_digest, list_record, pin_record, tool_call_record, tool_decision_record
 from idgate.mcp.sessions import SessionIds
 from idgate.mcp.settings import McpServerConfig, McpSettings, StaticCredential
 from idgate.policy.decision import Authorizer, Decision, Resource
@@ -123,6 +156,16 @@ UPSTREAM_FAILED = -32050
 
 CONTROLLED = frozenset({"tools/call", "resources/read", "prompts/get"})
 _READ = "read"
+# The list methods whose answers are filtered per caller, and the field of the result that holds the entries.
+LISTS = {
+    "tools/list": "tools",
+    "resources/list": "resources",
+    "resources/templates/list": "resourceTemplates",
+    "prompts/list": "prompts",
+}
+# why: a list request goes upstream under an id of the gateway's own that names the method and the caller's id, so
+# its answer is known for what it is on whatever stream it arrives (a GET with `Last-Event-ID` replays a POST's).
+_LIST_ID = "idgate-list:"
 
 # Request headers relayed upstream (never `authorization`, `cookie` or the like; nor the caller's
 # `traceparent`, `tracestate` or `baggage`: the gateway sends a `traceparent` of its own, and the
@@ -183,6 +226,16 @@ class _Call:
     data_class: str
     decision: Decision
     arguments_sha256: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Viewer:
+    """Whom a list answer is filtered for: the caller, on this request, with the data class its calls would get."""
+
+    server: _Server
+    caller: Caller
+    facts: RequestFacts
+    data_class: str
 
 
 class _Refusal(Exception):
@@ -308,12 +361,16 @@ class McpGateway:
         facts = _facts(request)
         message: dict[str, Any] | None = None
         call: _Call | None = None
+        listing: str | None = None
         try:
             facts.caller = await self._caller(server, request)
             message = _message(await _body(request, self._max_body))
             _check_routing_headers(request, message)
             session = self._check_session(server, request, facts.caller)
             method = message.get("method")
+            if method in LISTS:
+                # why: an entry is shown only if its call would be allowed, decided with the class that call would get.
+                listing = self._data_class(facts.caller, None, request)
             if method in CONTROLLED:  # a notification that names a tool call is decided all the same
                 call = self._decide(server, str(method), message, facts, request)
                 if not call.decision.allowed:
@@ -328,7 +385,7 @@ class McpGateway:
         except (_Refusal, IdgateError) as error:
             await self._stopped(send, facts, server, message, error, call)
             return
-        await self._forward(server, request, send, facts, message, call, session)
+        await self._forward(server, request, send, facts, message, call, session, listing)
 
     def _decide(
         self, server: _Server, method: str, message: dict[str, Any], facts: RequestFacts, request: Request
@@ -348,13 +405,13 @@ class McpGateway:
             uri = params.get("uri")
             if not isinstance(uri, str) or not uri:
                 raise _Refusal(400, INVALID_REQUEST, "`params.uri` must name a resource", {})
-            scope_name = f"resource:{quote(uri, safe='')}"
+            scope_name = _scoped("resource", uri)
             tool_id, action_class, arguments = f"{server.config.name}/{scope_name}", _READ, None
         else:
             prompt = params.get("name")
             if not isinstance(prompt, str) or not prompt:
                 raise _Refusal(400, INVALID_REQUEST, "`params.name` must name a prompt", {})
-            scope_name = f"prompt:{quote(prompt, safe='')}"
+            scope_name = _scoped("prompt", prompt)
             tool_id, action_class, arguments = f"{server.config.name}/{scope_name}", _READ, params.get("arguments")
         data_class = self._data_class(caller, arguments, request)
         decision = self._authorize(server, caller, tool_id, action_class, data_class)
@@ -424,7 +481,9 @@ class McpGateway:
         message: dict[str, Any],
         call: _Call | None,
         session: str | None,
+        listing: str | None,
     ) -> None:
+        """`listing`: for a list request, the data class its entries are decided with."""
         caller = facts.caller
         assert caller is not None
         method = message.get("method")
@@ -459,9 +518,12 @@ class McpGateway:
         except AuthenticationError as error:
             await self._unauthenticated(send, facts, server, message, error)
             return
+        upstream_message = message
+        if listing is not None and "id" in message:
+            upstream_message = {**message, "id": _list_id(str(method), message["id"])}
         started = time.perf_counter()
         try:
-            response = await self._open(server, "POST", headers, orjson.dumps(message), streaming=False)
+            response = await self._open(server, "POST", headers, orjson.dumps(upstream_message), streaming=False)
         except _Refusal as refusal:
             await self._refuse(send, facts, message, refusal, call, details)
             return
@@ -472,8 +534,8 @@ class McpGateway:
                 await self._refuse(send, facts, message, refused, call, details)
                 return
             down_session = self._client_session(server, response, caller)
-            if method == "tools/list":
-                await self._relay_filtered(server, send, facts, message, response, down_session)
+            if listing is not None:
+                await self._relay_filtered(server, send, facts, message, response, down_session, listing)
                 return
             facts.status = response.status
             completed = await self._relay(request, send, facts, response, message, down_session)
@@ -596,45 +658,42 @@ class McpGateway:
         message: dict[str, Any],
         response: aiohttp.ClientResponse,
         session: str | None,
+        data_class: str,
     ) -> None:
-        """A `tools/list` answer, read whole, with only the tools this caller may call.
+        """A list answer (`LISTS`), read whole, with only the entries this caller may use.
 
         Nothing of it is relayed as it came: the answer is parsed and written anew. An answer that
-        cannot be parsed, or that is not this request's result with a `tools` list (or an error), is a
-        502: a list that was not filtered and pinned never reaches the caller."""
+        cannot be parsed, or that is not this request's result with its list (or an error), is a
+        502: a list that was not filtered (and, for tools, pinned) never reaches the caller."""
         name = server.config.name
+        method = str(message.get("method"))
         if response.status != 200:
             if response.status == 404:
                 text = f"MCP server `{name}` does not know this session"
                 refusal = _Refusal(404, INVALID_REQUEST, text, {"code": "session_not_found"})
             else:
-                text = f"MCP server `{name}` answered tools/list with HTTP {response.status}"
+                text = f"MCP server `{name}` answered {method} with HTTP {response.status}"
                 refusal = _Refusal(502, UPSTREAM_FAILED, text, {"code": "upstream_error"})
             await self._refuse(send, facts, message, refusal, None)
             return
-        limit = self._settings.max_response_bytes
         try:
-            raw = bytearray()
-            async for chunk in response.content.iter_any():
-                raw += chunk
-                if len(raw) > limit:
-                    raise _Refusal(502, UPSTREAM_FAILED, f"tools/list answer is over {limit} bytes", {})
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            message_text = f"MCP server `{name}` broke off its tools/list answer ({type(exc).__name__})"
-            await self._refuse(send, facts, message, _Refusal(502, UPSTREAM_FAILED, message_text, {}), None)
-            return
+            raw = await self._read_whole(server, response, method)
         except _Refusal as refusal:
             await self._refuse(send, facts, message, refusal, None)
             return
         caller = facts.caller
         assert caller is not None
+        original = message.get("id")
+        # why: the answer names the id the request went upstream with (`_list_id`); the caller gets back its own.
+        expected = _list_id(method, original) if "id" in message else None
         sse = _is_sse(response)
+        viewer = _Viewer(server, caller, facts, data_class)
         if sse:
-            body = self._filter_sse(server, bytes(raw), message.get("id"), caller, facts)
+            body = self._filter_sse(raw, method, expected, original, viewer)
         else:
-            body = self._filter_json(server, bytes(raw), message.get("id"), caller, facts)
+            body = self._filter_json(raw, method, expected, original, viewer)
         if body is None:
-            text = f"MCP server `{name}` sent a tools/list answer that is not a JSON-RPC answer to it"
+            text = f"MCP server `{name}` sent a {method} answer that is not a JSON-RPC answer to it"
             await self._refuse(
                 send, facts, message, _Refusal(502, UPSTREAM_FAILED, text, {"code": "upstream_error"}), None
             )
@@ -650,79 +709,121 @@ class McpGateway:
         content_type = b"text/event-stream" if sse else b"application/json"
         await send_bytes(send, 200, body, facts.request_id, content_type=content_type, extra=extra)
 
-    def _filter_json(
-        self, server: _Server, raw: bytes, rpc_id: Any, caller: Caller, facts: RequestFacts
-    ) -> bytes | None:
-        """The filtered answer, written anew; None if `raw` is not the answer to request `rpc_id`."""
+    async def _read_whole(self, server: _Server, response: aiohttp.ClientResponse, what: str) -> bytes:
+        """The answer's body, at most `max_response_bytes`; a `_Refusal` (502) if it is longer or breaks off."""
+        limit = self._settings.max_response_bytes
+        raw = bytearray()
+        try:
+            async for chunk in response.content.iter_any():
+                raw += chunk
+                if len(raw) > limit:
+                    raise _Refusal(502, UPSTREAM_FAILED, f"{what} answer is over {limit} bytes", {})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            text = f"MCP server `{server.config.name}` broke off its {what} answer ({type(exc).__name__})"
+            raise _Refusal(502, UPSTREAM_FAILED, text, {}) from None
+        return bytes(raw)
+
+    def _filter_json(self, raw: bytes, method: str, expected: Any, original: Any, viewer: _Viewer) -> bytes | None:
+        """The filtered answer, written anew; None if `raw` is not the answer to request `expected`."""
         try:
             answer = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return None
-        if not _is_list_answer(answer, rpc_id):
+        if not _is_list_answer(answer, expected, LISTS[method]):
             return None
-        self._filter_answer(server, answer, caller, facts)
+        self._filter_answer(answer, method, viewer)
+        answer["id"] = original
         return orjson.dumps(answer)
 
-    def _filter_sse(
-        self, server: _Server, raw: bytes, rpc_id: Any, caller: Caller, facts: RequestFacts
-    ) -> bytes | None:
+    def _filter_sse(self, raw: bytes, method: str, expected: Any, original: Any, viewer: _Viewer) -> bytes | None:
         """The event stream written anew: each event whose data is a JSON-RPC message, the answer to
-        request `rpc_id` filtered. Events whose data does not parse are dropped; None if no event
-        carries the answer."""
+        request `expected` filtered. Events whose data does not parse, and other requests' answers, are
+        dropped; None if no event carries the answer."""
         out: list[bytes] = []
         answered = False
         text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")  # SSE ends lines with CRLF, LF or CR
         for block in text.split(b"\n\n"):
             event = _sse_event(block)
-            if event is None:
+            if event.data is None:
                 continue
-            event_id, event_type, data = event
             try:
-                parsed = orjson.loads(data)
+                parsed = orjson.loads(event.data)
             except orjson.JSONDecodeError:
                 continue
             if not isinstance(parsed, dict):
                 continue
-            if "method" not in parsed and ("result" in parsed or "error" in parsed):
+            if _is_answer(parsed):
                 # An answer: this request's, filtered; another request's has no business here.
-                if not _same_id(parsed.get("id"), rpc_id):
+                if not _same_id(parsed.get("id"), expected):
                     continue
-                if not _is_list_answer(parsed, rpc_id):
+                if not _is_list_answer(parsed, expected, LISTS[method]):
                     return None
-                self._filter_answer(server, parsed, caller, facts)
+                self._filter_answer(parsed, method, viewer)
+                parsed["id"] = original
                 answered = True
-            lines = [] if event_id is None else [b"id: " + event_id]
-            if event_type is not None:
-                lines.append(b"event: " + event_type)
-            lines.append(b"data: " + orjson.dumps(parsed))
-            out.append(b"\n".join(lines) + b"\n\n")
+            out.append(event.written(orjson.dumps(parsed)))
         return b"".join(out) if answered else None
 
-    def _filter_answer(self, server: _Server, answer: dict[str, Any], caller: Caller, facts: RequestFacts) -> None:
+    def _filter_answer(self, answer: dict[str, Any], method: str, viewer: _Viewer) -> None:
+        """Keep in a list answer only the entries the caller may use; one `list_filtered` record says how many."""
         result = answer.get("result")
-        tools = result.get("tools") if isinstance(result, dict) else None
-        if not isinstance(tools, list):
-            return
+        key = LISTS[method]
+        entries = result.get(key) if isinstance(result, dict) else None
+        if not isinstance(entries, list):
+            return  # an error answer
         assert isinstance(result, dict)
-        kept = []
+        kept = [entry for entry in entries if self._may_see(entry, method, viewer)]
+        result[key] = kept
+        if "cacheScope" in result:
+            # The list is this caller's now: no shared cache may serve it to another (2026-07-28 cache hints).
+            result["cacheScope"] = "private"
+        # why: one record per listing, not one decision record per entry: a list of 500 is one occasion.
+        self._audit_quietly(
+            list_record(
+                viewer.facts,
+                viewer.caller,
+                viewer.server.config.name,
+                method,
+                "ok",
+                len(entries),
+                len(entries) - len(kept),
+            )
+        )
+
+    def _may_see(self, entry: Any, method: str, viewer: _Viewer) -> bool:
+        """Whether the caller may see one list entry: only if it may make the call the entry names.
+
+        A tool: `tools/call` on it (and it is not withheld as changed; a first listing pins it). A
+        resource: `resources/read` on its `uri`; a resource template: `resources/read` on its
+        `uriTemplate` itself (a grant naming the template, or the server's `*`: a template's expansions
+        cannot be known, and a grant of some of them does not show it). A prompt: `prompts/get`. Each
+        through `_authorize`, as `_decide` does for the call, with the listing's data class; no record
+        per entry. An entry without its name or URI is dropped."""
+        if not isinstance(entry, dict):
+            return False
+        server, caller, facts = viewer.server, viewer.caller, viewer.facts
         name = server.config.name
-        for tool in tools:
-            tool_name = tool.get("name") if isinstance(tool, dict) else None
+        if method == "tools/list":
+            tool_name = entry.get("name")
             if not isinstance(tool_name, str):
-                continue
-            digest = tool_hash(tool)
+                return False
+            digest = tool_hash(entry)
             verdict = self._pins.check(name, tool_name, digest)
             if verdict != "approved":
                 self._audit_quietly(pin_record(facts, caller, f"{name}/{tool_name}", verdict == "changed", digest))
             if self._pins.withheld(name, tool_name):
-                continue
+                return False
             action_class = self._class_of(server, tool_name)
-            if self._authorize(server, caller, f"{name}/{tool_name}", action_class, "").allowed:
-                kept.append(tool)
-        result["tools"] = kept
-        if "cacheScope" in result:
-            # The list is this caller's now: no shared cache may serve it to another (2026-07-28 cache hints).
-            result["cacheScope"] = "private"
+            return self._authorize(server, caller, f"{name}/{tool_name}", action_class, viewer.data_class).allowed
+        if method == "prompts/list":
+            kind, field = "prompt", "name"
+        else:
+            kind, field = "resource", "uri" if method == "resources/list" else "uriTemplate"
+        value = entry.get(field)
+        if not isinstance(value, str) or not value:
+            return False
+        tool_id = f"{name}/{_scoped(kind, value)}"
+        return self._authorize(server, caller, tool_id, _READ, viewer.data_class).allowed
 
     # -- GET and DELETE ------------------------------------------------------------------
 
@@ -732,6 +833,8 @@ class McpGateway:
             caller = facts.caller = await self._caller(server, request)
             _check_no_routing_headers(request)
             session = self._check_session(server, request, caller)
+            # why: a list answer replayed on this stream is filtered as on the POST that asked for it.
+            data_class = self._data_class(caller, None, request)
             self._audit.check()
             headers = self._upstream_headers(server, request, caller, (f"mcp:{method}",), facts, {}, session)
             response = await self._open(server, method, headers, None, streaming=method == "GET")
@@ -743,15 +846,144 @@ class McpGateway:
             if refused is not None:
                 await self._refuse(send, facts, None, refused, None)
                 return
-            facts.status = response.status
-            completed = await self._relay(
-                request, send, facts, response, None, self._client_session(server, response, caller)
-            )
-            if not completed:
-                facts.error_code, facts.error = "client_disconnected", "the client closed the stream"
+            down_session = self._client_session(server, response, caller)
+            if _is_sse(response):
+                facts.status = response.status
+                completed = await self._relay_events(server, request, send, facts, response, down_session, data_class)
+                if not completed:
+                    facts.error_code, facts.error = "client_disconnected", "the client closed the stream"
+            else:
+                try:
+                    await self._relay_one(server, send, facts, response, down_session, data_class, method)
+                except _Refusal as refusal:
+                    await self._refuse(send, facts, None, refusal, None)
+                    return
             self._audit_quietly(identity_record(facts, ended=True))
         finally:
             response.release()
+
+    def _rewritten(self, message: dict[str, Any], viewer: _Viewer) -> dict[str, Any]:
+        """One JSON-RPC message of a GET or DELETE answer, as the caller gets it.
+
+        The server's requests and notifications pass. An answer under a list id (`_list_id`) is the
+        answer to a list request, replayed: filtered as on its POST and given back the caller's id;
+        one that is not a list answer becomes a JSON-RPC error for that id (and a record). Any other
+        answer is to a request that was no list (every list request goes upstream under a list id)."""
+        if not _is_answer(message):
+            return message
+        listed = _listed_as(message.get("id"))
+        if listed is None:
+            return message
+        method, original = listed
+        if not _is_list_answer(message, message["id"], LISTS[method]):
+            self._audit_quietly(
+                list_record(viewer.facts, viewer.caller, viewer.server.config.name, method, "error", 0, 0)
+            )
+            text = f"MCP server `{viewer.server.config.name}` sent a {method} answer that is not one"
+            data = {"code": "upstream_error", "request_id": viewer.facts.request_id}
+            return {"jsonrpc": "2.0", "id": original, "error": {"code": UPSTREAM_FAILED, "message": text, "data": data}}
+        self._filter_answer(message, method, viewer)
+        message["id"] = original
+        return message
+
+    async def _relay_events(
+        self,
+        server: _Server,
+        request: Request,
+        send: Send,
+        facts: RequestFacts,
+        response: aiohttp.ClientResponse,
+        session: str | None,
+        data_class: str,
+    ) -> bool:
+        """A GET's event stream, relayed event by event, each written anew (`_rewritten_event`); False if the
+        client left first. Nothing of it is relayed as it came."""
+        caller = facts.caller
+        assert caller is not None
+        viewer = _Viewer(server, caller, facts, data_class)
+        headers = _down_headers(response, facts.request_id, session)
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        relay = asyncio.current_task()
+        assert relay is not None
+        watcher = asyncio.get_running_loop().create_task(_cancel_when_gone(request.receive, relay))
+        limit = self._settings.max_response_bytes
+        pending = b""
+        try:
+            try:
+                async for chunk in response.content.iter_any():
+                    # why: a CR at a chunk's end may be the first half of a CRLF; it waits for the next chunk.
+                    pending += chunk
+                    held = b"\r" if pending.endswith(b"\r") else b""
+                    text = pending[: len(pending) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                    *blocks, rest = text.split(b"\n\n")
+                    pending = rest + held
+                    if len(pending) > limit:
+                        facts.error_code, facts.error = "upstream_error", f"an event is over {limit} bytes"
+                        break
+                    out = b"".join(self._rewritten_event(block, viewer) for block in blocks)
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                facts.error_code, facts.error = "upstream_error", f"the MCP server broke off ({type(exc).__name__})"
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return True
+        except asyncio.CancelledError:
+            if not _client_left(watcher) or relay.uncancel() > 0:
+                raise
+            return False
+        finally:
+            watcher.cancel()
+
+    def _rewritten_event(self, block: bytes, viewer: _Viewer) -> bytes:
+        """One event of a GET's stream written anew: a message as `_rewritten` makes it; an event with empty
+        data (a resumption cursor) or none (only an id, or a keep-alive comment) without content; an event
+        whose data is not a JSON object, dropped."""
+        event = _sse_event(block)
+        if event.data is None:
+            return event.written(None) if event.id is not None or event.retry is not None else b":\n\n"
+        if not event.data:
+            return event.written(b"")
+        try:
+            parsed = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            return b""
+        if not isinstance(parsed, dict):
+            return b""
+        return event.written(orjson.dumps(self._rewritten(parsed, viewer)))
+
+    async def _relay_one(
+        self,
+        server: _Server,
+        send: Send,
+        facts: RequestFacts,
+        response: aiohttp.ClientResponse,
+        session: str | None,
+        data_class: str,
+        method: str,
+    ) -> None:
+        """A GET or DELETE answer that is no event stream: read whole, its one message written anew.
+
+        An empty body stays empty; a body that is not a JSON object is a 502 on success and dropped
+        (the status kept) on an error status."""
+        caller = facts.caller
+        assert caller is not None
+        raw = await self._read_whole(server, response, method)
+        body = b""
+        if raw.strip():
+            try:
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                body = orjson.dumps(self._rewritten(parsed, _Viewer(server, caller, facts, data_class)))
+            elif response.status < 400:
+                text = f"MCP server `{server.config.name}` answered {method} with a body that is not JSON-RPC"
+                raise _Refusal(502, UPSTREAM_FAILED, text, {"code": "upstream_error"})
+        facts.status = response.status
+        extra = [h for h in _down_headers(response, "", session) if h[0] not in (b"content-type", b"x-request-id")]
+        await send_bytes(
+            send, response.status, body, facts.request_id, content_type=_content_type(response), extra=extra
+        )
 
     # -- identity and sessions -----------------------------------------------------------
 
@@ -980,14 +1212,43 @@ def _header_value(value: str) -> str | None:
     return value
 
 
-def _is_list_answer(answer: Any, rpc_id: Any) -> bool:
-    """`answer` is the JSON-RPC answer to request `rpc_id`: a result holding a `tools` list, or an error."""
+def _scoped(kind: str, name: str) -> str:
+    """A resource's or prompt's name as policy and the minted scope see it: `resource:URI`, `prompt:NAME`
+    (percent-encoded, so a tool id `SERVER/resource:URI` has no second slash)."""
+    return f"{kind}:{quote(name, safe='')}"
+
+
+def _list_id(method: str, rpc_id: Any) -> str:
+    """The id a list request goes upstream with: the method and the caller's own id (as JSON)."""
+    return f"{_LIST_ID}{method}:{orjson.dumps(rpc_id).decode()}"
+
+
+def _listed_as(rpc_id: Any) -> tuple[str, Any] | None:
+    """The list method and the caller's own id behind an id of `_list_id`; None for any other id."""
+    if not isinstance(rpc_id, str) or not rpc_id.startswith(_LIST_ID):
+        return None
+    method, _, raw = rpc_id[len(_LIST_ID) :].partition(":")
+    if method not in LISTS:
+        return None
+    try:
+        return method, orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _is_answer(message: Mapping[str, Any]) -> bool:
+    """A JSON-RPC answer (a result or an error), not a request or notification."""
+    return "method" not in message and ("result" in message or "error" in message)
+
+
+def _is_list_answer(answer: Any, rpc_id: Any, key: str) -> bool:
+    """`answer` is the JSON-RPC answer to request `rpc_id`: a result holding a `key` list, or an error."""
     if not isinstance(answer, dict) or "id" not in answer or not _same_id(answer["id"], rpc_id):
         return False
     if "error" in answer:
         return "result" not in answer and isinstance(answer["error"], dict)
     result = answer.get("result")
-    return isinstance(result, dict) and isinstance(result.get("tools"), list)
+    return isinstance(result, dict) and isinstance(result.get(key), list)
 
 
 def _same_id(one: Any, other: Any) -> bool:
@@ -995,10 +1256,32 @@ def _same_id(one: Any, other: Any) -> bool:
     return type(one) is type(other) and bool(one == other)
 
 
-def _sse_event(block: bytes) -> tuple[bytes | None, bytes | None, bytes] | None:
-    """One server-sent event (lines already split on LF): its `id`, `event` and `data`; None if no data."""
+@dataclass(frozen=True, slots=True)
+class _Event:
+    """One server-sent event's fields; `data` None if it has no `data` line."""
+
+    id: bytes | None
+    type: bytes | None
+    retry: bytes | None
+    data: bytes | None
+
+    def written(self, data: bytes | None) -> bytes:
+        """The event written anew with `data` (None: no data line), LF line ends."""
+        lines = [] if self.id is None else [b"id: " + self.id]
+        if self.retry is not None:
+            lines.append(b"retry: " + self.retry)
+        if data is not None:
+            if self.type is not None:
+                lines.append(b"event: " + self.type)
+            lines.append(b"data: " + data if data else b"data:")
+        return b"\n".join(lines) + b"\n\n"
+
+
+def _sse_event(block: bytes) -> _Event:
+    """One server-sent event (lines already split on LF)."""
     event_id: bytes | None = None
     event_type: bytes | None = None
+    retry: bytes | None = None
     data: list[bytes] = []
     for line in block.split(b"\n"):
         if not line or line.startswith(b":"):
@@ -1011,7 +1294,9 @@ def _sse_event(block: bytes) -> tuple[bytes | None, bytes | None, bytes] | None:
             event_id = value
         elif field == b"event":
             event_type = value
-    return (event_id, event_type, b"\n".join(data)) if data else None
+        elif field == b"retry" and value.isdigit():
+            retry = value
+    return _Event(event_id, event_type, retry, b"\n".join(data) if data else None)
 
 
 def _refused(call: _Call, facts: RequestFacts) -> _Refusal:

@@ -11,7 +11,11 @@ A relayed request leaves the records of `idgate.audit.records`, linked by
   arguments, the minted credential's `jti` and audience (never the token), the
   budget counts, the upstream status and latency;
 - `action` `tool_pinned` / `tool_changed`: a tool first pinned, or withheld
-  because its description or schema changed.
+  because its description or schema changed;
+- `action` `list_filtered`: a `tools/list`, `resources/list`,
+  `resources/templates/list` or `prompts/list` answer filtered for the caller:
+  how many entries the server listed and how many were withheld (one record per
+  answer, never one per entry).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from idgate.audit.records import RequestFacts, action_record, decision_of
 from idgate.identity.principal import Caller
 from idgate.policy.decision import Decision
 
-__all__ = ["arguments_digest", "pin_record", "tool_call_record", "tool_decision_record"]
+__all__ = ["arguments_digest", "list_record", "pin_record", "tool_call_record", "tool_decision_record"]
 
 
 def arguments_digest(arguments: Any) -> str | None:
@@ -63,3 +67,11 @@ def pin_record(facts: RequestFacts, caller: Caller | None, tool: str, changed: b
     return action_record(
         facts.request_id, facts.trace_id, caller, action, tool, "refused" if changed else "ok", details
     )
+
+
+def list_record(
+    facts: RequestFacts, caller: Caller, server: str, method: str, outcome: str, listed: int, withheld: int
+) -> dict[str, Any]:
+    """A list answer filtered for `caller`: how many entries `server` listed and how many were withheld."""
+    details = {"method": method, "listed": listed, "withheld": withheld}
+    return action_record(facts.request_id, facts.trace_id, caller, "list_filtered", server, outcome, details)

@@ -87,7 +87,10 @@ class McpSettings(_Frozen):
     token_ttl_seconds: int = Field(60, gt=0, le=600, description="lifetime of a per-call token minted for a server")
     budgets: McpBudgets = McpBudgets()
     max_response_bytes: int = Field(
-        8 * 1024 * 1024, gt=0, description="largest `tools/list` answer read (to filter it); larger is an error"
+        8 * 1024 * 1024,
+        gt=0,
+        description="largest list answer (tools, resources, templates, prompts), or one event on a GET stream,"
+        " read to filter it; larger is an error",
     )
 
     @model_validator(mode="after")
