@@ -3,7 +3,8 @@
     caller ─► identity ─► JSON-RPC ─► policy + budget ─► mint ─► upstream ─► answer
                  └────────────┴────────────┴───────────┴───────────┴────────┴─► audit
 
-A POST carries one JSON-RPC message (batches are refused). For it:
+A POST carries one JSON-RPC message (batches, messages nested deeper than 64
+levels and ids beginning `idgate-list:` are refused, 400). For it:
 
 1. **identity**: the `Authorization` bearer token becomes a `Caller` (the gate:
    signature, issuer, audience, binding, liveness); a refusal is a 401 whose
@@ -29,7 +30,7 @@ A POST carries one JSON-RPC message (batches are refused). For it:
    `/.well-known/jwks.json`). The caller's `Authorization` is never sent.
 4. **the call**: the identity and decision records are committed first; then
    the message goes upstream with the MCP headers (`Mcp-Session-Id`,
-   `MCP-Protocol-Version`, `Last-Event-ID`, and the routing headers, checked:
+   `MCP-Protocol-Version`, and the routing headers, checked:
    see below) and a `traceparent` of the gateway's own: the request's trace
    (the caller's, if it sent a valid one), the request's span as the parent
    (`upstream_traceparent`); the caller's `traceparent`, `tracestate`
@@ -51,8 +52,14 @@ does not parse, or is not this request's result with its list (or an error),
 is a 502; in an event stream (CRLF, CR or LF line ends) events whose data does
 not parse are dropped. `nextCursor` and the request's `cursor` pass as they are.
 
-A list answer can also arrive on a GET: a GET with `Last-Event-ID` makes the
-server replay a POST's stream, answer included, as it first sent it. So a list
+**No resumption**: a request (any method) with `Last-Event-ID` is refused (400,
+-32600) and nothing goes upstream: a server replays whatever stream an event id
+names to whoever sends it, and event ids are not bound to their caller; binding
+them by HMAC, as session ids are, is the way to bring resumption back.
+
+A list answer could also arrive on a GET: a GET with `Last-Event-ID` makes the
+server replay a POST's stream, answer included, as it first sent it (refused
+now, but the defence stays, for resumption to come back). So a list
 request goes upstream under an id of the gateway's own, `idgate-list:METHOD:ID`
 (ID the caller's id as JSON), and the caller gets its own id back; a GET's
 stream (resumed or the standalone one) is parsed and written anew event by
@@ -60,10 +67,11 @@ event: an answer under such an id is filtered for the caller of the GET as on
 a POST (one that is not a list answer becomes a JSON-RPC error for the
 caller's id, and a record); the server's requests and notifications, and
 answers under any other id (requests that were no lists), pass; an event
-whose data is not a JSON object is dropped; an event with empty data (a
-resumption cursor), an `id` or `retry` alone, or a comment passes without
-content. A GET or DELETE answer that is no event stream is read whole and its
-one message treated alike. Why this and not remembering which requests were
+whose data is not a JSON object, or cannot be written anew (nested deeper than
+orjson writes; a warning is logged), is dropped (on a POST, such a list answer
+is a 502); an event with empty data (a resumption cursor), an `id` or `retry`
+alone, or a comment passes without content. A GET or DELETE answer that is no
+event stream is read whole and its one message treated alike. Why this and not remembering which requests were
 lists: the id travels with the answer, so it holds on every worker and
 replica, after a restart and for any replay, with no state to bound; nothing
 unattributable is left to drop. The cost: a `notifications/cancelled` for a
@@ -178,7 +186,6 @@ _UP_HEADERS = frozenset(
         b"mcp-protocol-version",
         b"mcp-method",
         b"mcp-name",
-        b"last-event-id",
     }
 )
 _UP_PREFIX = b"mcp-param-"
@@ -197,6 +204,10 @@ _NAMED_BY = {
 # Response headers relayed back.
 _DOWN_HEADERS = frozenset({"content-type", "mcp-session-id", "cache-control", "retry-after"})
 _DECISIONS_KEPT = 10_000
+# why: orjson reads JSON nested up to 1024 levels but writes only up to 254; a caller's message is refused well below
+# either, so whatever the gateway accepted it can write again (upstream, into records, into its own errors).
+_MAX_DEPTH = 64
+_RESUME_HEADER = b"last-event-id"
 
 
 def mcp_resources(settings: McpSettings, base_url: str) -> tuple[str, ...]:
@@ -365,6 +376,7 @@ class McpGateway:
         try:
             facts.caller = await self._caller(server, request)
             message = _message(await _body(request, self._max_body))
+            _check_no_resumption(request)
             _check_routing_headers(request, message)
             session = self._check_session(server, request, facts.caller)
             method = message.get("method")
@@ -688,12 +700,16 @@ class McpGateway:
         expected = _list_id(method, original) if "id" in message else None
         sse = _is_sse(response)
         viewer = _Viewer(server, caller, facts, data_class)
-        if sse:
-            body = self._filter_sse(raw, method, expected, original, viewer)
-        else:
-            body = self._filter_json(raw, method, expected, original, viewer)
+        text = f"MCP server `{name}` sent a {method} answer that is not a JSON-RPC answer to it"
+        try:
+            if sse:
+                body = self._filter_sse(raw, method, expected, original, viewer)
+            else:
+                body = self._filter_json(raw, method, expected, original, viewer)
+        except orjson.JSONEncodeError as exc:
+            # why: orjson reads deeper nesting than it writes; what cannot be written anew is not relayed as it came.
+            body, text = None, f"MCP server `{name}` sent a {method} answer the gateway cannot write anew ({exc})"
         if body is None:
-            text = f"MCP server `{name}` sent a {method} answer that is not a JSON-RPC answer to it"
             await self._refuse(
                 send, facts, message, _Refusal(502, UPSTREAM_FAILED, text, {"code": "upstream_error"}), None
             )
@@ -831,6 +847,7 @@ class McpGateway:
         facts = _facts(request)
         try:
             caller = facts.caller = await self._caller(server, request)
+            _check_no_resumption(request)
             _check_no_routing_headers(request)
             session = self._check_session(server, request, caller)
             # why: a list answer replayed on this stream is filtered as on the POST that asked for it.
@@ -949,7 +966,20 @@ class McpGateway:
             return b""
         if not isinstance(parsed, dict):
             return b""
-        return event.written(orjson.dumps(self._rewritten(parsed, viewer)))
+        written = self._written(parsed, viewer)
+        return b"" if written is None else event.written(written)
+
+    def _written(self, message: dict[str, Any], viewer: _Viewer) -> bytes | None:
+        """A GET's or DELETE's message as `_rewritten` makes it, encoded; None (and a warning) if it cannot be
+        written anew (nested deeper than orjson writes): it is dropped, and the stream goes on."""
+        try:
+            return orjson.dumps(self._rewritten(message, viewer))
+        except orjson.JSONEncodeError as exc:
+            server, request_id = viewer.server.config.name, viewer.facts.request_id
+            log.warning(
+                "dropped a message from MCP server %s (request %s) that cannot be written: %s", server, request_id, exc
+            )
+            return None
 
     async def _relay_one(
         self,
@@ -963,8 +993,8 @@ class McpGateway:
     ) -> None:
         """A GET or DELETE answer that is no event stream: read whole, its one message written anew.
 
-        An empty body stays empty; a body that is not a JSON object is a 502 on success and dropped
-        (the status kept) on an error status."""
+        An empty body stays empty; a body that is not a JSON object, or cannot be written anew, is a 502 on
+        success and dropped (the status kept) on an error status."""
         caller = facts.caller
         assert caller is not None
         raw = await self._read_whole(server, response, method)
@@ -974,8 +1004,10 @@ class McpGateway:
                 parsed = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 parsed = None
-            if isinstance(parsed, dict):
-                body = orjson.dumps(self._rewritten(parsed, _Viewer(server, caller, facts, data_class)))
+            viewer = _Viewer(server, caller, facts, data_class)
+            written = self._written(parsed, viewer) if isinstance(parsed, dict) else None
+            if written is not None:
+                body = written
             elif response.status < 400:
                 text = f"MCP server `{server.config.name}` answered {method} with a body that is not JSON-RPC"
                 raise _Refusal(502, UPSTREAM_FAILED, text, {"code": "upstream_error"})
@@ -1335,7 +1367,39 @@ def _message(raw: bytes) -> dict[str, Any]:
         raise _Refusal(400, INVALID_REQUEST, "JSON-RPC batches are not supported; send one message per POST", {})
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
         raise _Refusal(400, INVALID_REQUEST, "body must be one JSON-RPC 2.0 message", {})
+    # why: opening brackets bound the depth from above; only a message with more than `_MAX_DEPTH` of them is walked.
+    if raw.count(b"[") + raw.count(b"{") > _MAX_DEPTH and _too_deep(message):
+        raise _Refusal(400, INVALID_REQUEST, f"the message is nested deeper than {_MAX_DEPTH} levels", {})
+    rpc_id = message.get("id")
+    if isinstance(rpc_id, str) and rpc_id.startswith(_LIST_ID):
+        # why: the gateway tags its own list requests so (`_list_id`); a caller's id in that form would pass for one.
+        raise _Refusal(400, INVALID_REQUEST, f"a request id may not begin with `{_LIST_ID}`", {})
     return message
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether `value` has containers nested more than `_MAX_DEPTH` deep (the value itself is level 1)."""
+    level: list[Any] = [value]
+    for _ in range(_MAX_DEPTH):
+        level = [
+            item
+            for container in level
+            for item in (container.values() if isinstance(container, dict) else container)
+            if isinstance(item, (dict, list))
+        ]
+        if not level:
+            return False
+    return True
+
+
+def _check_no_resumption(request: Request) -> None:
+    """`Last-Event-ID` is refused: the upstream replays whatever stream an event id names, and the ids are not bound
+    to the caller who was sent them, so another caller (or an agent on a shared session) could have someone's answers
+    replayed to it. Binding each id to its caller (an HMAC, as `sessions.py` does for session ids) would bring
+    resumption back."""
+    if request.header(_RESUME_HEADER) is not None:
+        text = "resuming a stream is not supported through the gateway: event ids are not bound to their caller"
+        raise _Refusal(400, INVALID_REQUEST, text, {"code": "resumption_not_supported"})
 
 
 def _strings(value: Any, out: list[str], depth: int) -> None:
