@@ -16,7 +16,12 @@ levels and ids beginning `idgate-list:` are refused, 400). For it:
    `SERVER/NAME` (a resource is `SERVER/resource:URI`, a prompt
    `SERVER/prompt:NAME`, both `read`) with its action class (from the entity
    data, else the server's `tools`, else `unknown_tool_class`) and the data
-   class of the arguments, through the same authorizer as model calls. A tool
+   class of the arguments, through the same authorizer as model calls.
+   `resources/subscribe` and `resources/unsubscribe` are decided as a
+   `resources/read` of their `uri`, and `completion/complete` as what its
+   `ref` completes for: a `ref/prompt` as that prompt's `prompts/get`, a
+   `ref/resource` as a `resources/read` of its URI or template (any other ref
+   is a 400, -32602); the data class is its `argument`'s and `context`'s. A tool
    withheld as changed (see `pins.py`) is refused, and so is any non-read call
    through a server without minted credentials. Then the budgets
    (`budgets.py`).
@@ -156,13 +161,27 @@ MCP_RESOURCE_METADATA_PREFIX = "/.well-known/oauth-protected-resource/mcp/"
 # JSON-RPC error codes: the standard ones, and the gateway's own in the server range.
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
 UNAUTHENTICATED = -32001
 REFUSED = -32003
 HEADER_MISMATCH = -32020  # MCP 2026-07-28: HTTP headers that disagree with the body
 BUDGET_EXCEEDED = -32029
 UPSTREAM_FAILED = -32050
 
-CONTROLLED = frozenset({"tools/call", "resources/read", "prompts/get"})
+# The methods decided by policy before they go upstream. Subscribing to a resource and completing a prompt's or a
+# resource template's arguments are decided as the read or the `prompts/get` they serve: what a caller may not
+# read it may not watch, nor probe through completions.
+CONTROLLED = frozenset(
+    {
+        "tools/call",
+        "resources/read",
+        "prompts/get",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "completion/complete",
+    }
+)
+_READS_URI = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
 _READ = "read"
 # The list methods whose answers are filtered per caller, and the field of the result that holds the entries.
 LISTS = {
@@ -413,12 +432,18 @@ class McpGateway:
             scope_name, tool_id = name, f"{server.config.name}/{name}"
             action_class = self._class_of(server, name)
             arguments = params.get("arguments")
-        elif method == "resources/read":
+        elif method in _READS_URI:
             uri = params.get("uri")
             if not isinstance(uri, str) or not uri:
                 raise _Refusal(400, INVALID_REQUEST, "`params.uri` must name a resource", {})
             scope_name = _scoped("resource", uri)
             tool_id, action_class, arguments = f"{server.config.name}/{scope_name}", _READ, None
+        elif method == "completion/complete":
+            scope_name = _completed(params.get("ref"))
+            # why: the partial value and the context's arguments go upstream, so they are classified as a prompt's
+            # arguments are.
+            arguments = {key: params[key] for key in ("argument", "context") if key in params} or None
+            tool_id, action_class = f"{server.config.name}/{scope_name}", _READ
         else:
             prompt = params.get("name")
             if not isinstance(prompt, str) or not prompt:
@@ -1248,6 +1273,19 @@ def _scoped(kind: str, name: str) -> str:
     """A resource's or prompt's name as policy and the minted scope see it: `resource:URI`, `prompt:NAME`
     (percent-encoded, so a tool id `SERVER/resource:URI` has no second slash)."""
     return f"{kind}:{quote(name, safe='')}"
+
+
+def _completed(ref: Any) -> str:
+    """The scoped name a `completion/complete` is decided on: its `ref`'s prompt (`ref/prompt`, as its
+    `prompts/get`) or resource or template URI (`ref/resource`, as its `resources/read`); else a 400."""
+    if isinstance(ref, dict):
+        kind = ref.get("type")
+        if kind == "ref/prompt" and isinstance(ref.get("name"), str) and ref["name"]:
+            return _scoped("prompt", ref["name"])
+        if kind == "ref/resource" and isinstance(ref.get("uri"), str) and ref["uri"]:
+            return _scoped("resource", ref["uri"])
+    message = "`params.ref` must be a `ref/prompt` with a `name` or a `ref/resource` with a `uri`"
+    raise _Refusal(400, INVALID_PARAMS, message, {})
 
 
 def _list_id(method: str, rpc_id: Any) -> str:
