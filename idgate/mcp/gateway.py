@@ -21,7 +21,10 @@ levels and ids beginning `idgate-list:` are refused, 400). For it:
    `resources/read` of their `uri`, and `completion/complete` as what its
    `ref` completes for: a `ref/prompt` as that prompt's `prompts/get`, a
    `ref/resource` as a `resources/read` of its URI or template (any other ref
-   is a 400, -32602); the data class is its `argument`'s and `context`'s. A tool
+   is a 400, -32602); the data class is its `argument`'s and `context`'s.
+   `subscriptions/listen` (2026-07-28) is decided as a `resources/read` of
+   every URI in its `notifications.resourceSubscriptions`: one refused refuses
+   the whole listen (params it cannot read are a 400, -32602). A tool
    withheld as changed (see `pins.py`) is refused, and so is any non-read call
    through a server without minted credentials. Then the budgets
    (`budgets.py`).
@@ -182,6 +185,8 @@ CONTROLLED = frozenset(
     }
 )
 _READS_URI = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
+# MCP 2026-07-28 (SEP-2575): subscribing is a listen stream whose filter names the resource URIs it watches.
+LISTEN = "subscriptions/listen"
 _READ = "read"
 # The list methods whose answers are filtered per caller, and the field of the result that holds the entries.
 LISTS = {
@@ -411,6 +416,21 @@ class McpGateway:
                     identity_record(facts, ended=False),
                     tool_decision_record(facts, call.tool, call.action_class, call.data_class, call.decision),
                 )
+            elif method == LISTEN:
+                watched = [self._decide_read(server, uri, facts, request) for uri in _listened(message)]
+                call = next((read for read in watched if not read.decision.allowed), None)
+                if call is not None:
+                    raise _refused(call, facts)
+                # INVARIANT: the decision is committed before anything goes upstream. why: one listen may watch many
+                # URIs, so it goes upstream as an uncontrolled method does (scope `mcp:subscriptions/listen`), with a
+                # decision on record per URI.
+                decisions = [
+                    tool_decision_record(facts, r.tool, r.action_class, r.data_class, r.decision) for r in watched
+                ]
+                if decisions:
+                    await self._audit.commit(*decisions)
+                else:
+                    self._audit.check()
             else:
                 self._audit.check()
         except (_Refusal, IdgateError) as error:
@@ -436,8 +456,7 @@ class McpGateway:
             uri = params.get("uri")
             if not isinstance(uri, str) or not uri:
                 raise _Refusal(400, INVALID_REQUEST, "`params.uri` must name a resource", {})
-            scope_name = _scoped("resource", uri)
-            tool_id, action_class, arguments = f"{server.config.name}/{scope_name}", _READ, None
+            return self._decide_read(server, uri, facts, request)
         elif method == "completion/complete":
             scope_name = _completed(params.get("ref"))
             # why: the partial value and the context's arguments go upstream, so they are classified as a prompt's
@@ -455,6 +474,15 @@ class McpGateway:
         if decision.allowed and method == "tools/call" and self._pins.withheld(server.config.name, scope_name):
             decision = Decision(False, ("idgate:tool-changed",), "tool", ("the tool changed since it was approved",))
         return _Call(tool_id, scope_name, action_class, data_class, decision, arguments_digest(arguments))
+
+    def _decide_read(self, server: _Server, uri: str, facts: RequestFacts, request: Request) -> _Call:
+        """The decision on a `resources/read` of `uri` (and on what is decided as one: subscribing to it)."""
+        caller = facts.caller
+        assert caller is not None
+        scope_name = _scoped("resource", uri)
+        tool_id, data_class = f"{server.config.name}/{scope_name}", self._data_class(caller, None, request)
+        decision = self._authorize(server, caller, tool_id, _READ, data_class)
+        return _Call(tool_id, scope_name, _READ, data_class, decision, arguments_digest(None))
 
     def _class_of(self, server: _Server, tool: str) -> str:
         declared = self._declared_class(f"{server.config.name}/{tool}")
@@ -1286,6 +1314,20 @@ def _completed(ref: Any) -> str:
             return _scoped("resource", ref["uri"])
     message = "`params.ref` must be a `ref/prompt` with a `name` or a `ref/resource` with a `uri`"
     raise _Refusal(400, INVALID_PARAMS, message, {})
+
+
+def _listened(message: Mapping[str, Any]) -> list[str]:
+    """The resource URIs a `subscriptions/listen` watches (`params.notifications.resourceSubscriptions`, none if
+    absent); a 400 if its params are not an object with a `notifications` filter, or the URIs not a list of them."""
+    params = message.get("params")
+    notifications = params.get("notifications") if isinstance(params, dict) else None
+    uris = notifications.get("resourceSubscriptions") if isinstance(notifications, dict) else None
+    if not isinstance(notifications, dict) or not (
+        uris is None or (isinstance(uris, list) and all(isinstance(uri, str) and uri for uri in uris))
+    ):
+        message_ = "`params.notifications` must be a filter whose `resourceSubscriptions` is a list of resource URIs"
+        raise _Refusal(400, INVALID_PARAMS, message_, {})
+    return list(dict.fromkeys(uris or ()))
 
 
 def _list_id(method: str, rpc_id: Any) -> str:

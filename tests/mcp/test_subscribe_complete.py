@@ -15,6 +15,7 @@ from mcp import MCPError, types
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 
+from idgate.mcp.gateway import LISTEN
 from tests.conftest import MakeGateway
 from tests.mcp.conftest import client
 from tests.mcp.test_list_filtering import ARCHIVE, ENTITIES, LATEST, PAYROLL, TEMPLATE, ListServer
@@ -170,3 +171,61 @@ def test_a_completion_without_a_ref_it_can_decide_is_a_400(
     assert answer.status_code == 400
     assert answer.json()["id"] == 7 and answer.json()["error"]["code"] == -32602
     assert watch_server.methods("completion/complete") == []
+
+
+async def test_a_caller_listens_only_to_what_it_may_read(
+    gateway: Gateway, issuer: TestIssuer, watch_server: WatchServer
+) -> None:
+    """MCP 2026-07-28 (SEP-2575): a `subscriptions/listen` is decided as a read of every URI it watches; one it may
+    not read refuses the whole listen, on record, and nothing goes upstream."""
+    async with client(gateway, issuer.mint({"sub": "alice"})) as mcp:
+        async with mcp.listen(resource_subscriptions=[LATEST], tools_list_changed=True) as listening:
+            assert listening.honored.resource_subscriptions == [LATEST]
+        for uris in ([PAYROLL], [LATEST, ARCHIVE]):
+            with pytest.raises(MCPError) as error:
+                async with mcp.listen(resource_subscriptions=uris):
+                    pass
+            refused = uris[-1].replace(":", "%3A").replace("/", "%2F")
+            refused_on_record(gateway, error.value, f"tools/resource:{refused}")
+        async with mcp.listen(tools_list_changed=True):  # a listen that watches no resource has nothing to decide
+            pass
+    watched = [params["notifications"].get("resourceSubscriptions") for params in watch_server.methods(LISTEN)]
+    assert watched == [[LATEST], None]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        None,
+        [],
+        {},
+        {"notifications": True},
+        {"notifications": {"resourceSubscriptions": PAYROLL}},
+        {"notifications": {"resourceSubscriptions": [LATEST, 7]}},
+        {"notifications": {"resourceSubscriptions": [""]}},
+    ],
+    ids=[
+        "missing",
+        "not-an-object",
+        "no-filter",
+        "filter-not-an-object",
+        "uris-not-a-list",
+        "uri-not-a-string",
+        "empty-uri",
+    ],
+)
+def test_a_listen_whose_params_it_cannot_read_is_a_400(
+    gateway: Gateway, issuer: TestIssuer, watch_server: WatchServer, params: Any
+) -> None:
+    body: dict[str, Any] = {"jsonrpc": "2.0", "id": 8, "method": LISTEN}
+    if params is not None:
+        body["params"] = params
+    headers = {
+        "Authorization": f"Bearer {issuer.mint({'sub': 'alice'})}",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2026-07-28",
+    }
+    answer = httpx2.post(f"{gateway.url}/mcp/tools", json=body, headers=headers, timeout=5)
+    assert answer.status_code == 400
+    assert answer.json()["id"] == 8 and answer.json()["error"]["code"] == -32602
+    assert watch_server.methods(LISTEN) == []
