@@ -232,20 +232,8 @@ class Cell:
 def measure(
     url: str, script: Path, workload: str, n: int, rnd: int, seconds: float, pid: int, load: int | None
 ) -> Cell:
-    with cpu.Window([pid], []) as window:
-        result = loadgen.run_wrk(url, script, connections=n, seconds=seconds, cpu=load)
-    return Cell(
-        workload=workload,
-        concurrency=n,
-        round=rnd,
-        rps=result.rps,
-        p50_ms=result.p50_ms,
-        p99_ms=result.p99_ms,
-        requests=result.requests,
-        errors=result.errors,
-        gateway_cpu_us=window.gateway_us(result.requests),
-        other_cpu_pct=window.other_pct,
-    )
+    fields = loadgen.measured(url, script, connections=n, seconds=seconds, gateway_pid=pid, cpu_=load)
+    return Cell(workload=workload, concurrency=n, round=rnd, **fields)
 
 
 def wait_quiet(pid: int, budget: float = 10.0) -> None:

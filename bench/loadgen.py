@@ -12,7 +12,9 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import cpu
 import procs
 
 _MARK = "BENCHJSON "
@@ -117,3 +119,20 @@ def run_wrk(
         socket_errors=int(data["connect"] + data["read"] + data["write"] + data["timeout"]),
         bad_status=int(data["status"]),
     )
+
+
+def measured(
+    url: str, script: Path, *, connections: int, seconds: float, gateway_pid: int, cpu_: int | None
+) -> dict[str, Any]:
+    """wrk against one gateway process with its CPU accounted: the fields every benchmark cell has."""
+    with cpu.Window([gateway_pid], []) as window:
+        result = run_wrk(url, script, connections=connections, seconds=seconds, cpu=cpu_)
+    return {
+        "rps": result.rps,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "requests": result.requests,
+        "errors": result.errors,
+        "gateway_cpu_us": window.gateway_us(result.requests),
+        "other_cpu_pct": window.other_pct,
+    }

@@ -302,19 +302,8 @@ class Cell:
 def measure(
     url: str, script: Path, workload: str, n: int, seconds: float, gateway_pid: int, load_cpu: int | None
 ) -> Cell:
-    with cpu.Window([gateway_pid], []) as window:
-        result = loadgen.run_wrk(url, script, connections=n, seconds=seconds, cpu=load_cpu)
-    return Cell(
-        workload=workload,
-        concurrency=n,
-        rps=result.rps,
-        p50_ms=result.p50_ms,
-        p99_ms=result.p99_ms,
-        requests=result.requests,
-        errors=result.errors,
-        gateway_cpu_us=window.gateway_us(result.requests),
-        other_cpu_pct=window.other_pct,
-    )
+    fields = loadgen.measured(url, script, connections=n, seconds=seconds, gateway_pid=gateway_pid, cpu_=load_cpu)
+    return Cell(workload=workload, concurrency=n, **fields)
 
 
 def wait_quiet(gateway_pid: int, budget: float = 10.0) -> None:

@@ -122,7 +122,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -692,28 +692,15 @@ class McpGateway:
         session: str | None,
     ) -> bool:
         """Relay the answer as it comes; False if the client left first."""
-        headers = _down_headers(response, facts.request_id, session)
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        relay = asyncio.current_task()
-        assert relay is not None
-        watcher = asyncio.get_running_loop().create_task(_cancel_when_gone(request.receive, relay))
-        try:
-            try:
-                async for chunk in response.content.iter_any():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                facts.error_code, facts.error = "upstream_error", f"the MCP server broke off ({type(exc).__name__})"
-                if message is not None and "id" in message and _is_sse(response):
-                    error = _rpc_error(message.get("id"), UPSTREAM_FAILED, facts.error, {"code": "upstream_error"})
-                    await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n", "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return True
-        except asyncio.CancelledError:
-            if not _client_left(watcher) or relay.uncancel() > 0:
-                raise
-            return False
-        finally:
-            watcher.cancel()
+
+        def broken() -> bytes:
+            # A stream that breaks off ends with an error event for the request it answers.
+            if message is None or "id" not in message or not _is_sse(response):
+                return b""
+            error = _rpc_error(message.get("id"), UPSTREAM_FAILED, str(facts.error), {"code": "upstream_error"})
+            return b"data: " + error + b"\n\n"
+
+        return await _stream_down(request, send, facts, response, session, response.content.iter_any(), broken)
 
     async def _relay_filtered(
         self,
@@ -971,38 +958,25 @@ class McpGateway:
         caller = facts.caller
         assert caller is not None
         viewer = _Viewer(server, caller, facts, data_class)
-        headers = _down_headers(response, facts.request_id, session)
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        relay = asyncio.current_task()
-        assert relay is not None
-        watcher = asyncio.get_running_loop().create_task(_cancel_when_gone(request.receive, relay))
         limit = self._settings.max_response_bytes
-        pending = b""
-        try:
-            try:
-                async for chunk in response.content.iter_any():
-                    # why: a CR at a chunk's end may be the first half of a CRLF; it waits for the next chunk.
-                    pending += chunk
-                    held = b"\r" if pending.endswith(b"\r") else b""
-                    text = pending[: len(pending) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-                    *blocks, rest = text.split(b"\n\n")
-                    pending = rest + held
-                    if len(pending) > limit:
-                        facts.error_code, facts.error = "upstream_error", f"an event is over {limit} bytes"
-                        break
-                    out = b"".join(self._rewritten_event(block, viewer) for block in blocks)
-                    if out:
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                facts.error_code, facts.error = "upstream_error", f"the MCP server broke off ({type(exc).__name__})"
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return True
-        except asyncio.CancelledError:
-            if not _client_left(watcher) or relay.uncancel() > 0:
-                raise
-            return False
-        finally:
-            watcher.cancel()
+
+        async def rewritten() -> AsyncIterator[bytes]:
+            pending = b""
+            async for chunk in response.content.iter_any():
+                # why: a CR at a chunk's end may be the first half of a CRLF; it waits for the next chunk.
+                pending += chunk
+                held = b"\r" if pending.endswith(b"\r") else b""
+                text = pending[: len(pending) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                *blocks, rest = text.split(b"\n\n")
+                pending = rest + held
+                if len(pending) > limit:
+                    facts.error_code, facts.error = "upstream_error", f"an event is over {limit} bytes"
+                    return
+                out = b"".join(self._rewritten_event(block, viewer) for block in blocks)
+                if out:
+                    yield out
+
+        return await _stream_down(request, send, facts, response, session, rewritten(), lambda: b"")
 
     def _rewritten_event(self, block: bytes, viewer: _Viewer) -> bytes:
         """One event of a GET's stream written anew: a message as `_rewritten` makes it; an event with empty
@@ -1569,6 +1543,44 @@ def _is_sse(response: aiohttp.ClientResponse) -> bool:
 
 def _content_type(response: aiohttp.ClientResponse) -> bytes:
     return response.headers.get("content-type", "application/json").encode("latin-1")
+
+
+async def _stream_down(
+    request: Request,
+    send: Send,
+    facts: RequestFacts,
+    response: aiohttp.ClientResponse,
+    session: str | None,
+    bodies: AsyncIterator[bytes],
+    broken: Callable[[], bytes],
+) -> bool:
+    """Send `bodies` down as the answer to `response`; False if the client left first.
+
+    A caller who leaves cancels the relay (and so the upstream read) through a watcher task;
+    an upstream that breaks off is noted in `facts` and the answer ends with `broken()`.
+    """
+    headers = _down_headers(response, facts.request_id, session)
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    relay = asyncio.current_task()
+    assert relay is not None
+    watcher = asyncio.get_running_loop().create_task(_cancel_when_gone(request.receive, relay))
+    try:
+        try:
+            async for body in bodies:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            facts.error_code, facts.error = "upstream_error", f"the MCP server broke off ({type(exc).__name__})"
+            tail = broken()
+            if tail:
+                await send({"type": "http.response.body", "body": tail, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
+    except asyncio.CancelledError:
+        if not _client_left(watcher) or relay.uncancel() > 0:
+            raise
+        return False
+    finally:
+        watcher.cancel()
 
 
 async def _cancel_when_gone(receive: Callable[[], Awaitable[Any]], relay: asyncio.Task[Any]) -> None:
