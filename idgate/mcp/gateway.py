@@ -961,15 +961,10 @@ class McpGateway:
         limit = self._settings.max_response_bytes
 
         async def rewritten() -> AsyncIterator[bytes]:
-            pending = b""
+            events = _EventSplitter()
             async for chunk in response.content.iter_any():
-                # why: a CR at a chunk's end may be the first half of a CRLF; it waits for the next chunk.
-                pending += chunk
-                held = b"\r" if pending.endswith(b"\r") else b""
-                text = pending[: len(pending) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-                *blocks, rest = text.split(b"\n\n")
-                pending = rest + held
-                if len(pending) > limit:
+                blocks = events.feed(chunk)
+                if events.pending > limit:
                     facts.error_code, facts.error = "upstream_error", f"an event is over {limit} bytes"
                     return
                 out = b"".join(self._rewritten_event(block, viewer) for block in blocks)
@@ -1361,6 +1356,42 @@ class _Event:
                 lines.append(b"event: " + self.type)
             lines.append(b"data: " + data if data else b"data:")
         return b"\n".join(lines) + b"\n\n"
+
+
+class _EventSplitter:
+    """An event stream cut into events as its chunks come: line ends made LF, events ended by a blank line.
+
+    Each byte is normalised once and searched for the end of an event about once, however the chunks fall
+    (`scanned` counts them): an event in many small chunks costs what it costs in one."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()  # the unfinished event, normalised (so no LF LF in it)
+        self._held = b""  # a CR that ended the last chunk
+        self.scanned = 0
+
+    @property
+    def pending(self) -> int:
+        """The unfinished event's size in bytes (a held CR counted)."""
+        return len(self._buffer) + len(self._held)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The events `chunk` completes (their lines split on LF, without the blank line that ends them)."""
+        # why: a CR at a chunk's end may be the first half of a CRLF; it waits for the next chunk.
+        data = self._held + chunk
+        self._held = b"\r" if data.endswith(b"\r") else b""
+        data = data[: len(data) - len(self._held)]
+        # why: the old bytes hold no LF LF; only the new ones are searched, and the last old one (an LF whose
+        # pair may just have come).
+        start, at = 0, max(len(self._buffer) - 1, 0)
+        self._buffer += data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        self.scanned += len(data) + len(self._buffer) - at
+        events: list[bytes] = []
+        while (at := self._buffer.find(b"\n\n", at)) >= 0:
+            events.append(bytes(self._buffer[start:at]))
+            start = at = at + 2
+        if start:
+            del self._buffer[:start]
+        return events
 
 
 def _sse_event(block: bytes) -> _Event:
