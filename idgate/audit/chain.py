@@ -45,7 +45,7 @@ CheckpointSigner = Callable[[dict[str, Any]], str]
 
 def canonical(record: dict[str, Any]) -> bytes:
     """The bytes a record's hash covers: sorted-key JSON, without the chain's own fields."""
-    if any(name in record for name in HASH_FIELDS):
+    if "hash" in record or "prev_hash" in record:  # HASH_FIELDS; why: a generator here cost ~0.4 µs per record
         record = {k: v for k, v in record.items() if k not in HASH_FIELDS}
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
 

@@ -201,6 +201,7 @@ def _confirm_private_key(text: str, match: re.Match[str]) -> tuple[int, int] | N
 
 # AWS key ids are base32 after a four-character resource prefix.
 _AWS_ACCESS_KEY = re.compile(r"A(?:KIA|SIA|BIA|CCA|3T[A-Z0-9])[A-Z2-7]{16}\b", re.ASCII)
+_AWS_ACCESS_KEY_GATE = ("AKIA", "ASIA", "ABIA", "ACCA", "A3T")  # every match starts with one of these
 _AWS_SECRET_KEY = re.compile(
     r"(?:aws_?secret_?access_?key|AWS_?SECRET_?ACCESS_?KEY|[Aa]ws[Ss]ecret[Aa]ccess[Kk]ey)"
     r"[\"']?[ \t]*[:=][ \t]*[\"']?[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])",
@@ -483,7 +484,7 @@ def builtin_detectors(phone_region: str | None = DEFAULT_PHONE_REGION) -> tuple[
         raise ValueError(f"phone region `{phone_region}` is not a supported ISO 3166 region code, such as `US`")
     return (
         Detector("private_key", _PRIVATE_KEY, _confirm_private_key, gate=("PRIVATE KEY",)),
-        Detector("aws_access_key", _AWS_ACCESS_KEY, _bounded(_always)),
+        Detector("aws_access_key", _AWS_ACCESS_KEY, _bounded(_always), gate=_AWS_ACCESS_KEY_GATE),
         Detector("aws_secret_key", _AWS_SECRET_KEY, gate=("ecret", "ECRET")),
         Detector("api_key", _API_KEY, _bounded(_api_key), gate=_API_KEY_GATE),
         Detector("jwt", _JWT, _bounded(_jwt), gate=("eyJ",)),

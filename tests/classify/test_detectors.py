@@ -215,6 +215,12 @@ def test_credentials_are_restricted(text: str, detector: str) -> None:
     assert data_class(text) == "restricted"
 
 
+@pytest.mark.parametrize("prefix", ["AKIA", "ASIA", "ABIA", "ACCA", "A3TX", "A3T7"])
+def test_every_kind_of_aws_key_id_is_found(prefix: str) -> None:
+    # the detector looks only at texts holding one of these prefixes (its gate): each must still be found
+    assert found(f"key id {prefix}{'IOSFODNN7EXAMPLE'}, region eu-west-1") == {"aws_access_key": 1}
+
+
 @pytest.mark.parametrize(
     "text",
     [
