@@ -3,6 +3,7 @@
     .venv/bin/python bench/audit_bench.py                 # SQLite
     .venv/bin/python bench/audit_bench.py --postgres DSN  # and PostgreSQL (a schema of its own, dropped after)
     .venv/bin/python bench/audit_bench.py --e2e           # the gateway's c1 latency with and without the commit
+    .venv/bin/python bench/audit_bench.py --stages        # CPU per request with each stage taken out in turn
 
 Measures, with records shaped as the gateway writes them (identity, decision, model):
 
@@ -17,6 +18,10 @@ Measures, with records shaped as the gateway writes them (identity, decision, mo
   the commit replaced by a plain enqueue (`enqueue`: the records still written, just not
   awaited) and with no records at all (`none`). commit - enqueue is what invariant 6
   costs; commit - none what the whole trail costs.
+- with `--stages`: the gateway's CPU per request at c64 (wrk, alternating slices, pinned the
+  same way) as shipped, with no trail, and with identity, classification or the policy
+  decision each replaced by what it answered the first time; and the floor proxy: what
+  each stage costs under load, next to what a bare proxy costs.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +128,17 @@ def run(name: str, make: Any, args: argparse.Namespace) -> None:
 VARIANTS = ("commit", "enqueue", "none")
 """As shipped; records emitted but not awaited before forwarding; no records at all."""
 
+STAGES = ("commit", "none", "no-identity", "no-classify", "no-policy", "floor")
+"""`--stages`: as shipped, then one stage at a time taken out of the request path, and the bare floor proxy."""
 
-def _serve(variant: str, config: str, port: int) -> None:
-    """Run the gateway (in this process); `enqueue` swaps the awaited commit for a plain emit."""
-    import uvicorn
 
-    from idgate.app import build_app
-    from idgate.config import load_config
+def _patch(variant: str) -> None:
+    """Change this process's gateway into `variant` (before it is built).
 
+    `no-identity`, `no-classify` and `no-policy` replace a stage by what it answered the first time it
+    ran for the same input (the caller for a token, the classification, the decision): the rest of the
+    request runs as shipped, so the difference in CPU is what that stage costs under load.
+    """
     if variant == "enqueue":
 
         async def enqueue(self: AuditWriter, *records: dict[str, Any]) -> None:
@@ -147,10 +156,64 @@ def _serve(variant: str, config: str, port: int) -> None:
 
         AuditWriter.commit = drop  # type: ignore[method-assign]
         AuditWriter.emit = drop_one  # type: ignore[method-assign]
-    app = build_app(load_config(Path(config)))
-    uvicorn.run(
-        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop="uvloop", http="httptools"
-    )
+    elif variant == "no-identity":
+        from idgate.identity.gate import Gate
+        from idgate.identity.principal import Caller
+        from idgate.proxy.http import Request
+
+        callers: dict[bytes | None, Caller] = {}
+        identify = Gate.caller
+
+        async def known(self: Gate, request: Request) -> Caller:
+            token = request.header(b"authorization")
+            if token not in callers:
+                callers[token] = await identify(self, request)
+            return callers[token]
+
+        Gate.caller = known  # type: ignore[method-assign]
+    elif variant == "no-classify":
+        from idgate.classify.classifier import Classification, Classifier
+
+        first: list[Classification] = []
+        classify = Classifier.classify
+
+        def same(self: Classifier, body: Mapping[str, Any]) -> Classification:
+            if not first:
+                first.append(classify(self, body))
+            return first[0]
+
+        Classifier.classify = same  # type: ignore[method-assign]
+    elif variant == "no-policy":
+        from idgate.identity.principal import Caller
+        from idgate.policy.cedar import CedarAuthorizer
+        from idgate.policy.decision import Decision, Resource
+
+        decisions: dict[tuple[Any, ...], Decision] = {}
+        authorize = CedarAuthorizer.authorize
+
+        def remembered(
+            self: CedarAuthorizer, caller: Caller, action: str, resource: Resource, context: Mapping[str, Any]
+        ) -> Decision:
+            key = (caller.credential.id, action, resource.kind, resource.id, tuple(sorted(context.items())))
+            if key not in decisions:
+                decisions[key] = authorize(self, caller, action, resource, context)
+            return decisions[key]
+
+        CedarAuthorizer.authorize = remembered  # type: ignore[method-assign]
+    elif variant not in ("commit", "floor"):
+        raise SystemExit(f"unknown variant {variant}")
+
+
+def _serve(variant: str, config: str, port: int) -> None:
+    """Run `variant` in this process: the gateway as `idgate serve` runs it, or (`floor`) the bare proxy."""
+    if variant == "floor":
+        from floor_proxy import main as floor
+
+        raise SystemExit(floor(["--port", str(port), "--upstream", os.environ["BENCH_FLOOR_UPSTREAM"]]))
+    _patch(variant)
+    from idgate.cli import main as idgate
+
+    raise SystemExit(idgate(["serve", "--config", config, "--port", str(port), "--log-level", "warning"]))
 
 
 def _wait_ready(port: int, path: str, deadline: float) -> None:
@@ -183,6 +246,7 @@ def _slice(port: int, token: str, count: int) -> list[float]:
 
 def e2e(args: argparse.Namespace) -> None:
     here = Path(__file__).resolve().parent
+    variants = STAGES if args.stages else VARIANTS
     # why: as bench/run.py does on 2+ cores: the gateways on CPU 0, everything else (this process, its
     # client, wrk, the mock upstream) on CPU 1, so a gateway's numbers are its own CPU's.
     pin = (os.cpu_count() or 1) >= 2
@@ -198,6 +262,7 @@ def e2e(args: argparse.Namespace) -> None:
             assert upstream.stdout is not None
             upstream_port = int(upstream.stdout.readline().split()[1])
             env = {**os.environ, "IDGATE_HOME": folder, "BENCH_UPSTREAM_KEY": "sk-bench"}
+            env["BENCH_FLOOR_UPSTREAM"] = f"http://127.0.0.1:{upstream_port}"
             config = Path(folder) / "idgate.yaml"
             config.write_text(
                 "dev_issuer: {enabled: true, tenant: bench}\n"
@@ -213,37 +278,53 @@ def e2e(args: argparse.Namespace) -> None:
                 text=True,
                 check=True,
             ).stdout.split()[-1]
-            ports = {}
-            for variant in VARIANTS:
+            ports, pids = {}, {}
+            for variant in variants:
                 ports[variant] = port = _free_port()
                 argv = [sys.executable, __file__, "--serve", variant, str(config), str(port)]
                 if gateway_cpu is not None:
                     argv = ["taskset", "-c", str(gateway_cpu), *argv]
-                processes.append(subprocess.Popen(argv, env=env))
+                process = subprocess.Popen(argv, env=env)
+                processes.append(process)
+                pids[variant] = process.pid  # why: taskset execs, so this is the server's own pid
                 _wait_ready(port, "/healthz", time.monotonic() + 30)
-            waits: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+            waits: dict[str, list[float]] = {variant: [] for variant in variants if not args.stages}
             for variant in waits:
                 _slice(ports[variant], token, 300)  # warm-up
             for _ in range(args.slices):
                 for variant in waits:
                     waits[variant] += _slice(ports[variant], token, args.per_slice)
-            rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+            cells: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
             if shutil.which("wrk"):
                 import loadgen
 
                 body = orjson.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "hello there"}]})
                 headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
                 script = loadgen.write_script(Path(folder) / "chat.lua", body, headers)
-                for _ in range(3):
-                    for variant in rates:
+                for _ in range(args.slices if args.stages else 3):
+                    for variant in cells:
                         url = f"http://127.0.0.1:{ports[variant]}/v1/chat/completions"
-                        result = loadgen.run_wrk(url, script, connections=64, seconds=3, cpu=load_cpu)
-                        assert result.errors == 0, result
-                        rates[variant].append(result.rps)
+                        cell = loadgen.measured(
+                            url, script, connections=64, seconds=3, gateway_pid=pids[variant], cpu_=load_cpu
+                        )
+                        assert cell["errors"] == 0, cell
+                        cells[variant].append(cell)
         finally:
             for process in processes:
                 process.terminate()
                 process.wait(10)
+    if waits:
+        _print_latency(waits)
+    shipped = statistics.median(c["gateway_cpu_us"] for c in cells["commit"]) if cells["commit"] else 0.0
+    for variant, measured in cells.items():
+        rps = statistics.median(c["rps"] for c in measured)
+        cpu_us = statistics.median(c["gateway_cpu_us"] for c in measured)
+        saved = f", {shipped - cpu_us:+,.0f} µs vs as shipped" if variant not in ("commit", "floor") else ""
+        print(f"e2e chat c64 (wrk), {variant:11}: {rps:7,.0f} req/s, CPU {cpu_us:4,.0f} µs/request{saved}", end="")
+        print(f" (median of {len(measured)} slices)")
+
+
+def _print_latency(waits: dict[str, list[float]]) -> None:
     for variant, values in waits.items():
         values.sort()
         p50, p99 = statistics.median(values) * 1000, values[int(len(values) * 0.99)] * 1000
@@ -255,8 +336,6 @@ def e2e(args: argparse.Namespace) -> None:
     print(f"the pre-forward commit adds p50 {added_p50:.3f} ms, p99 {added_p99:.3f} ms at c1")
     whole = (statistics.median(waits["commit"]) - statistics.median(waits["none"])) * 1000
     print(f"the whole audit trail (records, journal, writer) adds p50 {whole:.3f} ms at c1")
-    for variant, values in rates.items():
-        print(f"e2e chat c64 (wrk), {variant:8}: {statistics.median(values):,.0f} req/s (median of {len(values)})")
 
 
 def _free_port() -> int:
@@ -279,10 +358,15 @@ def main() -> None:
     parser.add_argument(
         "--e2e", action="store_true", help="measure the gateway's c1 latency with and without the commit"
     )
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="with --e2e: CPU per request at c64 with each stage taken out in turn, and the floor",
+    )
     parser.add_argument("--slices", type=int, default=10, help="--e2e: alternating slices per variant")
     parser.add_argument("--per-slice", type=int, default=500, help="--e2e: requests per slice")
     args = parser.parse_args()
-    if args.e2e:
+    if args.e2e or args.stages:
         e2e(args)
         return
     with tempfile.TemporaryDirectory() as folder:
