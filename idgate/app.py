@@ -220,7 +220,7 @@ class IdgateApp:
             record=self.audit.emit,
             fetch=self._fetch,
         )
-        self.gate.add_check(self.lifecycle.liveness)
+        self.gate.add_standing_check(self.lifecycle.liveness)  # also asked again by long streams (MCP)
         # A token for one MCP server (RFC 8707 `resource`) is good under /mcp/ only (idgate/sts/resources.py).
         self.gate.add_check(ResourceAudiences(mcp_resources(config.mcp, config.server.url)))
         # DPoP (RFC 9449): proofs' `jti`s and client assertions' are single-use across every worker.

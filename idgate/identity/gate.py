@@ -13,6 +13,11 @@ X.509-SVID client certificate, `idgate.identity.mtls`) — then runs each
 
 A check refuses by raising an `AuthenticationError` (401) or, when it cannot
 answer, a `ServiceUnavailable` (503): fail closed, never allow.
+
+What outlives its request (an event stream open for hours) asks `Gate.recheck(caller)`
+before it relays more: the checks whose answer can change without a new request
+(added with `add_standing_check`: liveness) run again on the caller let in earlier, in memory; the
+token is not read again, nor a binding proven again (a DPoP proof is single-use).
 """
 
 from __future__ import annotations
@@ -25,13 +30,20 @@ from idgate.identity.authenticator import Authenticator
 from idgate.identity.principal import Caller
 from idgate.proxy.http import Request
 
-__all__ = ["CredentialCheck", "Gate"]
+__all__ = ["CredentialCheck", "Gate", "StandingCheck"]
 
 
 class CredentialCheck(Protocol):
     """One per-call check of a verified caller's credential; raises to refuse."""
 
     async def __call__(self, caller: Caller, request: Request) -> None: ...
+
+
+class StandingCheck(CredentialCheck, Protocol):
+    """A `CredentialCheck` whose answer can change after the request was let in, and that can be asked again
+    without one (`Liveness.verify`: revoked tokens, ended tasks and sessions, holds); it raises as the check does."""
+
+    async def verify(self, caller: Caller) -> None: ...
 
 
 class Gate:
@@ -51,10 +63,16 @@ class Gate:
         self.authenticator = authenticator
         self._certificate_identity = certificate_identity
         self._checks = tuple(checks)
+        self._standing: tuple[StandingCheck, ...] = ()
         self._resource_metadata = resource_metadata
 
     def add_check(self, check: CredentialCheck) -> None:
         self._checks = (*self._checks, check)
+
+    def add_standing_check(self, check: StandingCheck) -> None:
+        """A check run on every request, and again by `recheck` for what outlives its request."""
+        self.add_check(check)
+        self._standing = (*self._standing, check)
 
     async def caller(self, request: Request) -> Caller:
         authorization = request.header(b"authorization")
@@ -69,3 +87,14 @@ class Gate:
             refusal.resource_metadata = refusal.resource_metadata or self._resource_metadata
             raise
         return caller
+
+    async def recheck(self, caller: Caller) -> None:
+        """Whether `caller`, let in by `caller()` earlier, may still be served now: every `StandingCheck` runs again.
+
+        For what outlives its request (an event stream), before each thing it relays; in memory (a liveness view
+        gone stale first waits briefly for a fresh read, as a request would). Nothing request-bound is checked again
+        (signature, audience, binding): the credential was verified once. Nor is its expiry: whoever asks checks
+        `caller.credential.expires_at` against its own clock. Raises as `caller()` does: an `AuthenticationError`
+        if the credential is dead now, a `ServiceUnavailable` if that cannot be known."""
+        for check in self._standing:
+            await check.verify(caller)

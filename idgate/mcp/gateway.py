@@ -42,8 +42,11 @@ levels and ids beginning `idgate-list:` are refused, 400). For it:
    see below) and a `traceparent` of the gateway's own: the request's trace
    (the caller's, if it sent a valid one), the request's span as the parent
    (`upstream_traceparent`); the caller's `traceparent`, `tracestate`
-   and `baggage` are never relayed as they came. JSON and SSE answers are relayed as they
-   come, except list answers (below). An upstream that is down, slow or refuses
+   and `baggage` are never relayed as they came. A JSON answer is relayed as it
+   comes; an event-stream answer event by event, each written anew as a GET's
+   stream is (below: its list answers filtered, resource updates checked, the
+   caller's credential checked again before each read's events); list answers
+   are read whole (below). An upstream that is down, slow or refuses
    the gateway's credential is a 502/504 with a JSON-RPC error, never a hang.
 
 **List answers** (`tools/list`, `resources/list`, `resources/templates/list`,
@@ -73,17 +76,43 @@ request goes upstream under an id of the gateway's own, `idgate-list:METHOD:ID`
 stream (resumed or the standalone one) is parsed and written anew event by
 event: an answer under such an id is filtered for the caller of the GET as on
 a POST (one that is not a list answer becomes a JSON-RPC error for the
-caller's id, and a record); the server's requests and notifications, and
-answers under any other id (requests that were no lists), pass; an event
-whose data is not a JSON object, or cannot be written anew (nested deeper than
-orjson writes; a warning is logged), is dropped (on a POST, such a list answer
-is a 502); an event with empty data (a resumption cursor), an `id` or `retry`
-alone, or a comment passes without content. A GET or DELETE answer that is no
-event stream is read whole and its one message treated alike. Why this and not remembering which requests were
-lists: the id travels with the answer, so it holds on every worker and
-replica, after a restart and for any replay, with no state to bound; nothing
-unattributable is left to drop. The cost: a `notifications/cancelled` for a
+caller's id, and a record); the server's requests and notifications (but see
+resource updates below), and answers under any other id (requests that were no
+lists), pass; an event whose data is not a JSON object, or cannot be written
+anew (nested deeper than orjson writes; a warning is logged), is dropped (on a
+POST, such a list answer is a 502); an event with empty data (a resumption
+cursor), an `id` or `retry` alone, or a comment passes without content. A
+POST's event-stream answer (a `subscriptions/listen`, a long `tools/call`) is
+written anew alike, and an event over `max_response_bytes` ends either stream
+(a POST's with a JSON-RPC error for its request). A GET or DELETE answer that
+is no event stream is read whole and its one message treated alike. Why this
+and not remembering which requests were lists: the id travels with the
+answer, so it holds on every worker and replica, after a restart and for any
+replay, with no state to bound; nothing unattributable is left to drop. The cost: a `notifications/cancelled` for a
 list request names the caller's id, which the server does not know.
+
+**Resource updates** on any stream (a GET's, a POST's: `subscriptions/listen`
+carries them): a `notifications/resources/updated` is relayed only if the
+caller may read its `params.uri`, decided as a `resources/list` entry is
+(`_authorize` on `resources/read` of the URI: same caller, actor chain, task
+and the request's data class; no decision record per notification). One it may
+not read, or whose `uri` is missing or not a string, is dropped with a warning
+in the log naming the server and the request: a server must not leak, by
+notifying, the names of resources a caller cannot read, nor when they change.
+Other notifications (list changes, messages, progress, cancellation) pass.
+
+**Streams end with the credential.** A caller's credential is checked when its
+request comes; a stream may stay open for hours. So before the events of each
+read from upstream are relayed (GET streams and POST event-stream answers
+alike), the credential is checked again: its `exp` on the gateway's clock, and
+liveness (`Gate.recheck`: revoked, task completed, session ended, subject,
+agent or tenant held; in memory, a dict lookup or a few: the token is not read
+again, no DPoP proof asked for). One that no longer holds ends the stream at
+once: nothing more is relayed, the upstream answer is closed, and the request's
+closing record (the identity record's end; a `tool_call`'s `error`) says why:
+`credential_expired`, `credential_revoked` with liveness's reason, or
+`unavailable` when liveness cannot be known (fail closed). A stream with no
+events is not timed: nothing reaches the caller.
 
 **Routing headers** (MCP 2026-07-28: copies of body fields, for proxies and
 load balancers that route without reading the body) are checked once the caller
@@ -187,6 +216,8 @@ CONTROLLED = frozenset(
 _READS_URI = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
 # MCP 2026-07-28 (SEP-2575): subscribing is a listen stream whose filter names the resource URIs it watches.
 LISTEN = "subscriptions/listen"
+# A server's word that a resource changed: relayed only to a caller who may read that resource.
+RESOURCE_UPDATED = "notifications/resources/updated"
 _READ = "read"
 # The list methods whose answers are filtered per caller, and the field of the result that holds the entries.
 LISTS = {
@@ -603,11 +634,12 @@ class McpGateway:
                 await self._relay_filtered(server, send, facts, message, response, down_session, listing)
                 return
             facts.status = response.status
-            completed = await self._relay(request, send, facts, response, message, down_session)
+            completed = await self._relay(server, request, send, facts, response, message, down_session)
             details["upstream_ms"] = round((time.perf_counter() - started) * 1000, 3)
             if not completed:
                 facts.error_code, facts.error = "client_disconnected", "the client went away before the answer ended"
-            self._record_end(facts, call, details, "ok" if completed and response.status < 400 else "error")
+            ok = completed and response.status < 400 and facts.error_code is None
+            self._record_end(facts, call, details, "ok" if ok else "error")
         finally:
             response.release()
 
@@ -684,6 +716,7 @@ class McpGateway:
 
     async def _relay(
         self,
+        server: _Server,
         request: Request,
         send: Send,
         facts: RequestFacts,
@@ -691,7 +724,8 @@ class McpGateway:
         message: dict[str, Any] | None,
         session: str | None,
     ) -> bool:
-        """Relay the answer as it comes; False if the client left first."""
+        """Relay the answer as it comes: a JSON one as it came, an event stream event by event, each written anew
+        (`_relayed_events`); False if the client left first."""
 
         def broken() -> bytes:
             # A stream that breaks off ends with an error event for the request it answers.
@@ -700,7 +734,13 @@ class McpGateway:
             error = _rpc_error(message.get("id"), UPSTREAM_FAILED, str(facts.error), {"code": "upstream_error"})
             return b"data: " + error + b"\n\n"
 
-        return await _stream_down(request, send, facts, response, session, response.content.iter_any(), broken)
+        if not _is_sse(response):
+            return await _stream_down(request, send, facts, response, session, response.content.iter_any(), broken)
+        caller = facts.caller
+        assert caller is not None
+        viewer = _Viewer(server, caller, facts, self._data_class(caller, None, request))
+        events = self._relayed_events(response, viewer, broken)
+        return await _stream_down(request, send, facts, response, session, events, broken)
 
     async def _relay_filtered(
         self,
@@ -919,13 +959,17 @@ class McpGateway:
         finally:
             response.release()
 
-    def _rewritten(self, message: dict[str, Any], viewer: _Viewer) -> dict[str, Any]:
+    def _rewritten(self, message: dict[str, Any], viewer: _Viewer) -> dict[str, Any] | None:
         """One JSON-RPC message of a GET or DELETE answer, as the caller gets it.
 
         The server's requests and notifications pass. An answer under a list id (`_list_id`) is the
         answer to a list request, replayed: filtered as on its POST and given back the caller's id;
         one that is not a list answer becomes a JSON-RPC error for that id (and a record). Any other
-        answer is to a request that was no list (every list request goes upstream under a list id)."""
+        answer is to a request that was no list (every list request goes upstream under a list id). A
+        `notifications/resources/updated` passes only if the caller may read its `uri` (`_may_read`); else it is
+        dropped (None, and a warning)."""
+        if message.get("method") == RESOURCE_UPDATED:
+            return message if self._may_read(message, viewer) else None
         if not _is_answer(message):
             return message
         listed = _listed_as(message.get("id"))
@@ -953,25 +997,60 @@ class McpGateway:
         session: str | None,
         data_class: str,
     ) -> bool:
-        """A GET's event stream, relayed event by event, each written anew (`_rewritten_event`); False if the
+        """A GET's event stream, relayed event by event, each written anew (`_relayed_events`); False if the
         client left first. Nothing of it is relayed as it came."""
         caller = facts.caller
         assert caller is not None
         viewer = _Viewer(server, caller, facts, data_class)
+        events = self._relayed_events(response, viewer, lambda: b"")
+        return await _stream_down(request, send, facts, response, session, events, lambda: b"")
+
+    async def _relayed_events(
+        self, response: aiohttp.ClientResponse, viewer: _Viewer, broken: Callable[[], bytes]
+    ) -> AsyncIterator[bytes]:
+        """An event stream (a GET's, or a POST's answer) cut into events (`_EventSplitter`), each written anew
+        (`_rewritten_event`).
+
+        Before the events a read completes are relayed, the caller's credential is checked again (`_lapsed`): one
+        expired, revoked or otherwise dead since the request came ends the stream there, nothing more relayed, the
+        upstream answer closed, and why in `facts` (the request's closing record). An event over
+        `max_response_bytes` ends it too, with `broken()` last (a POST's error for its request)."""
+        facts, caller = viewer.facts, viewer.caller
         limit = self._settings.max_response_bytes
+        events = _EventSplitter()
+        async for chunk in response.content.iter_any():
+            blocks = events.feed(chunk)
+            if events.pending > limit:
+                facts.error_code, facts.error = "upstream_error", f"an event is over {limit} bytes"
+                tail = broken()
+                if tail:
+                    yield tail
+                return
+            if not blocks:
+                continue
+            lapsed = await self._lapsed(caller)
+            if lapsed is not None:
+                facts.error_code, facts.error = lapsed
+                response.close()
+                return
+            out = b"".join(self._rewritten_event(block, viewer) for block in blocks)
+            if out:
+                yield out
 
-        async def rewritten() -> AsyncIterator[bytes]:
-            events = _EventSplitter()
-            async for chunk in response.content.iter_any():
-                blocks = events.feed(chunk)
-                if events.pending > limit:
-                    facts.error_code, facts.error = "upstream_error", f"an event is over {limit} bytes"
-                    return
-                out = b"".join(self._rewritten_event(block, viewer) for block in blocks)
-                if out:
-                    yield out
-
-        return await _stream_down(request, send, facts, response, session, rewritten(), lambda: b"")
+    async def _lapsed(self, caller: Caller) -> tuple[str, str] | None:
+        """Why the caller's credential may no longer be used (an error code and message), or None while it may:
+        its expiry on the gateway's clock, then the checks that need no request (`Gate.recheck`: liveness, in
+        memory). Nothing is verified again from the token, nor a DPoP proof asked for."""
+        credential = caller.credential
+        if self._clock() >= credential.expires_at:
+            return "credential_expired", "the caller's credential expired while the stream was open"
+        try:
+            await self._gate.recheck(caller)
+        except AuthenticationError as error:
+            return "credential_revoked", error.message
+        except IdgateError as error:  # it cannot be known now: fail closed
+            return error.code, error.message
+        return None
 
     def _rewritten_event(self, block: bytes, viewer: _Viewer) -> bytes:
         """One event of a GET's stream written anew: a message as `_rewritten` makes it; an event with empty
@@ -991,11 +1070,30 @@ class McpGateway:
         written = self._written(parsed, viewer)
         return b"" if written is None else event.written(written)
 
+    def _may_read(self, notification: dict[str, Any], viewer: _Viewer) -> bool:
+        """Whether the caller may be told that the resource a `notifications/resources/updated` names changed: only
+        if it may read it, decided by `_authorize` as a `resources/list` entry is (`_may_see`), with no record. One
+        without a `uri` string may not; one it may not is logged (a warning: server and request id), not recorded."""
+        params = notification.get("params")
+        uri = params.get("uri") if isinstance(params, dict) else None
+        if isinstance(uri, str) and uri:
+            tool_id = f"{viewer.server.config.name}/{_scoped('resource', uri)}"
+            if self._authorize(viewer.server, viewer.caller, tool_id, _READ, viewer.data_class).allowed:
+                return True
+        log.warning(
+            "dropped a %s from MCP server %s (request %s): the caller may not read the resource it names",
+            RESOURCE_UPDATED,
+            viewer.server.config.name,
+            viewer.facts.request_id,
+        )
+        return False
+
     def _written(self, message: dict[str, Any], viewer: _Viewer) -> bytes | None:
-        """A GET's or DELETE's message as `_rewritten` makes it, encoded; None (and a warning) if it cannot be
-        written anew (nested deeper than orjson writes): it is dropped, and the stream goes on."""
+        """A stream's or a GET's or DELETE's message as `_rewritten` makes it, encoded; None if `_rewritten` drops it,
+        or (and a warning) if it cannot be written anew (nested deeper than orjson writes): the stream goes on."""
         try:
-            return orjson.dumps(self._rewritten(message, viewer))
+            rewritten = self._rewritten(message, viewer)
+            return None if rewritten is None else orjson.dumps(rewritten)
         except orjson.JSONEncodeError as exc:
             server, request_id = viewer.server.config.name, viewer.facts.request_id
             log.warning(

@@ -89,8 +89,8 @@ class McpSettings(_Frozen):
     max_response_bytes: int = Field(
         8 * 1024 * 1024,
         gt=0,
-        description="largest list answer (tools, resources, templates, prompts), or one event on a GET stream,"
-        " read to filter it; larger is an error",
+        description="largest list answer (tools, resources, templates, prompts), or one event of an event stream"
+        " (a GET's, or a POST's answer), read to filter it; larger is an error",
     )
 
     @model_validator(mode="after")
