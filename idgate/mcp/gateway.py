@@ -619,7 +619,10 @@ class McpGateway:
             upstream_message = {**message, "id": _list_id(str(method), message["id"])}
         started = time.perf_counter()
         try:
-            response = await self._open(server, "POST", headers, orjson.dumps(upstream_message), streaming=False)
+            # why: a listen stream is quiet until a watched resource changes; the read timeout would cut it
+            # (the caller leaving still ends it, as a GET stream).
+            listens = method == LISTEN
+            response = await self._open(server, "POST", headers, orjson.dumps(upstream_message), streaming=listens)
         except _Refusal as refusal:
             await self._refuse(send, facts, message, refusal, call, details)
             return

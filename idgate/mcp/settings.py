@@ -30,7 +30,13 @@ class StaticCredential(_Frozen):
 
 class McpTimeouts(_Frozen):
     connect: float = Field(2.0, gt=0, le=60, description="seconds to connect to the tool server")
-    read: float = Field(30.0, gt=0, le=3600, description="seconds to wait for its answer (a POST's first byte)")
+    read: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="seconds to wait for its answer (a POST's first byte); not for GET or `subscriptions/listen`"
+        " streams",
+    )
 
 
 class McpServerConfig(_Frozen):

@@ -132,6 +132,16 @@ def revoke(gateway: Gateway, token: str) -> None:
     assert httpx2.post(f"{gateway.url}/oauth2/revoke", data={"token": token}, timeout=5).status_code == 200
 
 
+def test_a_listen_stream_outlasts_the_servers_read_timeout(
+    gateway: Gateway, issuer: TestIssuer, pushing: Pushing
+) -> None:
+    # why: a listen stream is quiet until a watched resource changes; the server's read timeout here is 1.5 s
+    with opened(gateway, issuer.mint({"sub": "alice"}), "listen") as (_, chunks):
+        time.sleep(2.0)
+        pushing.push(NOTE, None)
+        assert b"".join(chunks) == b"event: message\ndata: " + NOTE + b"\n\n"
+
+
 # -- 1. the stream ends with the credential -----------------------------------------------------
 
 
