@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from idgate.errors import AuthenticationError
+from idgate.errors import AuthenticationError, IdgateError
 from idgate.identity.authenticator import Authenticator
 from idgate.identity.principal import Caller
 from idgate.proxy.http import Request
@@ -98,3 +98,16 @@ class Gate:
         if the credential is dead now, a `ServiceUnavailable` if that cannot be known."""
         for check in self._standing:
             await check.verify(caller)
+
+    async def lapsed(self, caller: Caller, now: float) -> tuple[str, str] | None:
+        """Why `caller`'s credential, let in earlier, may no longer be used (an error code and message), or None
+        while it may: its expiry at `now` (epoch seconds), then `recheck`. For streams, before they relay more."""
+        if now >= caller.credential.expires_at:
+            return "credential_expired", "the caller's credential expired while the stream was open"
+        try:
+            await self.recheck(caller)
+        except AuthenticationError as error:
+            return "credential_revoked", error.message
+        except IdgateError as error:  # it cannot be known now: fail closed
+            return error.code, error.message
+        return None

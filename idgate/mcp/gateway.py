@@ -1014,7 +1014,7 @@ class McpGateway:
         """An event stream (a GET's, or a POST's answer) cut into events (`_EventSplitter`), each written anew
         (`_rewritten_event`).
 
-        Before the events a read completes are relayed, the caller's credential is checked again (`_lapsed`): one
+        Before the events a read completes are relayed, the caller's credential is checked again (`Gate.lapsed`): one
         expired, revoked or otherwise dead since the request came ends the stream there, nothing more relayed, the
         upstream answer closed, and why in `facts` (the request's closing record). An event over
         `max_response_bytes` ends it too, with `broken()` last (a POST's error for its request)."""
@@ -1031,7 +1031,7 @@ class McpGateway:
                 return
             if not blocks:
                 continue
-            lapsed = await self._lapsed(caller)
+            lapsed = await self._gate.lapsed(caller, self._clock())
             if lapsed is not None:
                 facts.error_code, facts.error = lapsed
                 response.close()
@@ -1039,21 +1039,6 @@ class McpGateway:
             out = b"".join(self._rewritten_event(block, viewer) for block in blocks)
             if out:
                 yield out
-
-    async def _lapsed(self, caller: Caller) -> tuple[str, str] | None:
-        """Why the caller's credential may no longer be used (an error code and message), or None while it may:
-        its expiry on the gateway's clock, then the checks that need no request (`Gate.recheck`: liveness, in
-        memory). Nothing is verified again from the token, nor a DPoP proof asked for."""
-        credential = caller.credential
-        if self._clock() >= credential.expires_at:
-            return "credential_expired", "the caller's credential expired while the stream was open"
-        try:
-            await self._gate.recheck(caller)
-        except AuthenticationError as error:
-            return "credential_revoked", error.message
-        except IdgateError as error:  # it cannot be known now: fail closed
-            return error.code, error.message
-        return None
 
     def _rewritten_event(self, block: bytes, viewer: _Viewer) -> bytes:
         """One event of a GET's stream written anew: a message as `_rewritten` makes it; an event with empty

@@ -14,7 +14,9 @@ model record (or, for a refusal, the identity and decision records) committed
 before the response completes. The upstream call carries a W3C `traceparent`
 in the request's trace (`upstream_traceparent`; never the caller's
 `tracestate` or `baggage`). A stream that fails
-midway ends with an SSE error event (`data: {"error": ...}`); a caller who leaves a stream ends the upstream
+midway ends with an SSE error event (`data: {"error": ...}`), and so does one
+whose caller's credential lapses on the way (expired, revoked, task or session
+ended: checked again at most every `RECHECK_SECONDS`, in memory); a caller who leaves a stream ends the upstream
 call; an unexpected exception is a 500 in the same error shape, never a
 traceback.
 Fields the gateway does not act on (`tools`, `tool_choice`,
@@ -66,6 +68,8 @@ _SSE_HEADERS = [
 _DONE = b"data: [DONE]"
 CONTENT_LIMIT = 64 * 1024  # characters of prompt or completion kept with `audit.record_content`
 _STREAM_KEPT = 1 << 20  # bytes of a stream read for its text
+# A stream checks its caller's credential again (expiry, liveness: in memory) at most this often, before relaying more.
+RECHECK_SECONDS = 1.0
 
 
 class Route:
@@ -331,9 +335,17 @@ class Gateway:
         calls = _ToolCallScan()
         digest = facts.completion = hashlib.sha256()
         kept = bytearray() if self._redact is not None else None  # the stream, for `audit.record_content`
+        caller = facts.caller
+        assert caller is not None, "streams are relayed for a known caller"
+        recheck_at = time.monotonic() + RECHECK_SECONDS
         try:
             while True:
                 if chunk:
+                    if time.monotonic() >= recheck_at:
+                        recheck_at = time.monotonic() + RECHECK_SECONDS
+                        lapsed = await self._gate.lapsed(caller, time.time())
+                        if lapsed is not None:
+                            return await self._end_lapsed(send, lapsed, facts)
                     if kept is not None and len(kept) < _STREAM_KEPT:
                         kept += chunk
                     if b'"usage"' in chunk:
@@ -357,6 +369,16 @@ class Gateway:
             if kept is not None and self._redact is not None:
                 facts.completion_text = self._redact(_streamed_text(bytes(kept))[:CONTENT_LIMIT])
             await chunks.aclose()
+
+    @staticmethod
+    async def _end_lapsed(send: Send, lapsed: tuple[str, str], facts: RequestFacts) -> bytes:
+        """The caller's credential lapsed mid-stream (expired, revoked, its task or session ended): an error event
+        ends the stream, nothing more is relayed, and the record says why."""
+        error = IdgateError(lapsed[1])
+        error.code, error.type = lapsed[0], "authentication_error"
+        facts.error_code, facts.error = error.code, error.message
+        await send({"type": "http.response.body", "body": _error_event(error, facts), "more_body": True})
+        return _DONE  # the error event ends the stream
 
     @staticmethod
     def _flag_streamed_calls(names: list[str], facts: RequestFacts) -> None:

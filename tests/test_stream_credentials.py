@@ -1,0 +1,77 @@
+"""A chat stream ends when its caller's credential does: revoked, or expired, while the model is still answering.
+
+The credential is checked when the request comes; a stream may run for minutes. Before relaying more, at most
+every `RECHECK_SECONDS`, the gateway asks again (expiry, liveness: in memory); a credential that lapsed ends the
+stream with an error event, the upstream call is hung up, and the record says why.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import httpx2
+import openai
+import pytest
+
+from idgate.proxy import api
+from tests.conftest import MakeGateway, base_config
+from tests.support import Gateway, TestIssuer, Upstream, wait_for
+
+
+@pytest.fixture
+def gateway(
+    make_gateway: MakeGateway, issuer: TestIssuer, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> Gateway:
+    monkeypatch.setattr(api, "RECHECK_SECONDS", 0.05)  # why: the test need not wait a second for the check
+    upstream.mode, upstream.delay = "drip", 10.0  # a long generation: one event every 50 ms
+    return make_gateway(base_config(issuer, upstream))
+
+
+def stream_until_it_fails(gateway: Gateway, token: str, midway: Callable[[], None]) -> tuple[int, openai.APIError, str]:
+    """Stream a chat; after its first event call `midway()`; the events got and the error that ended the stream."""
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=token, max_retries=0, timeout=10)
+    got = 0
+    with (
+        client,
+        client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}], stream=True
+        ) as stream,
+        pytest.raises(openai.APIError) as failed,
+    ):
+        request_id = stream.response.headers["x-request-id"]
+        for _ in stream:
+            got += 1
+            if got == 1:
+                midway()
+    return got, failed.value, request_id
+
+
+def test_a_stream_ends_when_its_token_is_revoked(gateway: Gateway, issuer: TestIssuer, upstream: Upstream) -> None:
+    token = issuer.mint()
+
+    def revoke() -> None:
+        assert httpx2.post(f"{gateway.url}/oauth2/revoke", data={"token": token}, timeout=5).status_code == 200
+
+    started = time.monotonic()
+    got, error, request_id = stream_until_it_fails(gateway, token, revoke)
+    assert time.monotonic() - started < 5  # not the 10 s the upstream would go on for
+    assert got < 20
+    assert isinstance(error.body, dict) and error.body["code"] == "credential_revoked"
+    assert "revoked" in error.message
+    wait_for(upstream.abandoned.is_set, timeout=3)  # the upstream call was hung up, not paid for to the end
+    record = gateway.record(request_id)
+    assert record["status"] == 200 and record["outcome"] == "error"
+    assert record["error"]["code"] == "credential_revoked"
+
+
+def test_a_stream_ends_when_its_token_expires(gateway: Gateway, issuer: TestIssuer, upstream: Upstream) -> None:
+    expires = math.ceil(time.time() + 1.0)  # whole seconds, as `exp` is
+    token = issuer.mint({"exp": expires})
+    got, error, request_id = stream_until_it_fails(gateway, token, lambda: None)
+    assert got >= 1  # the answer had begun
+    assert time.time() >= expires and time.time() - expires < 3
+    assert isinstance(error.body, dict) and error.body["code"] == "credential_expired"
+    wait_for(upstream.abandoned.is_set, timeout=3)
+    assert gateway.record(request_id)["error"]["code"] == "credential_expired"
