@@ -809,15 +809,21 @@ class McpGateway:
         await send_bytes(send, 200, body, facts.request_id, content_type=content_type, extra=extra)
 
     async def _read_whole(self, server: _Server, response: aiohttp.ClientResponse, what: str) -> bytes:
-        """The answer's body, at most `max_response_bytes`; a `_Refusal` (502) if it is longer or breaks off."""
+        """The answer's body, at most `max_response_bytes`, whole within `timeout.read`; a `_Refusal` if it is longer
+        or breaks off (502), or takes longer (504: a server trickling bytes would otherwise hold the call open)."""
         limit = self._settings.max_response_bytes
+        seconds = server.config.timeout.read
         raw = bytearray()
         try:
-            async for chunk in response.content.iter_any():
-                raw += chunk
-                if len(raw) > limit:
-                    raise _Refusal(502, UPSTREAM_FAILED, f"{what} answer is over {limit} bytes", {})
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout(seconds):
+                async for chunk in response.content.iter_any():
+                    raw += chunk
+                    if len(raw) > limit:
+                        raise _Refusal(502, UPSTREAM_FAILED, f"{what} answer is over {limit} bytes", {})
+        except TimeoutError:
+            text = f"MCP server `{server.config.name}` did not finish its {what} answer within {seconds:g} s"
+            raise _Refusal(504, UPSTREAM_FAILED, text, {"code": "upstream_timeout"}) from None
+        except aiohttp.ClientError as exc:
             text = f"MCP server `{server.config.name}` broke off its {what} answer ({type(exc).__name__})"
             raise _Refusal(502, UPSTREAM_FAILED, text, {}) from None
         return bytes(raw)
