@@ -216,6 +216,7 @@ class RequestFacts:
     completion_text: str | None = None  # likewise
     forwarded: bool = False  # the identity and decision records are committed; the call went upstream
     admitted: Any = None  # what admission decided (idgate.proxy.admission.Admitted)
+    standing: int = 0  # `Gate.changes` when the caller was let in: a stream asks again once it moved
 
     def __post_init__(self) -> None:
         if not self.trace_id:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from idgate.errors import AuthenticationError, IdgateError
+from idgate.errors import AuthenticationError, IdgateError, InvalidToken
 from idgate.identity.authenticator import Authenticator
 from idgate.identity.principal import Caller
 from idgate.proxy.http import Request
@@ -42,6 +42,8 @@ class CredentialCheck(Protocol):
 class StandingCheck(CredentialCheck, Protocol):
     """A `CredentialCheck` whose answer can change after the request was let in, and that can be asked again
     without one (`Liveness.verify`: revoked tokens, ended tasks and sessions, holds); it raises as the check does."""
+
+    generation: int  # grows with every change to what `verify` answers from (revocations taken in, holds, ...)
 
     async def verify(self, caller: Caller) -> None: ...
 
@@ -88,6 +90,14 @@ class Gate:
             raise
         return caller
 
+    @property
+    def changes(self) -> int:
+        """Grows whenever an answer of `recheck` may have changed: what a stream compares before each relay."""
+        total = 0
+        for check in self._standing:
+            total += check.generation
+        return total
+
     async def recheck(self, caller: Caller) -> None:
         """Whether `caller`, let in by `caller()` earlier, may still be served now: every `StandingCheck` runs again.
 
@@ -99,15 +109,20 @@ class Gate:
         for check in self._standing:
             await check.verify(caller)
 
-    async def lapsed(self, caller: Caller, now: float) -> tuple[str, str] | None:
-        """Why `caller`'s credential, let in earlier, may no longer be used (an error code and message), or None
-        while it may: its expiry at `now` (epoch seconds), then `recheck`. For streams, before they relay more."""
+    async def lapsed(self, caller: Caller, now: float) -> IdgateError | None:
+        """Why `caller`'s credential, let in earlier, may no longer be used, or None while it may: its expiry at `now`
+        (epoch seconds; code `credential_expired`), then `recheck` (`credential_revoked` with liveness's reason, or
+        the error that says it cannot be known now: fail closed). For what outlives its request, before it relays
+        more."""
         if now >= caller.credential.expires_at:
-            return "credential_expired", "the caller's credential expired while the stream was open"
+            expired = InvalidToken("the caller's credential expired while the stream was open")
+            expired.code = "credential_expired"
+            return expired
         try:
             await self.recheck(caller)
         except AuthenticationError as error:
-            return "credential_revoked", error.message
-        except IdgateError as error:  # it cannot be known now: fail closed
-            return error.code, error.message
+            error.code = "credential_revoked"
+            return error
+        except IdgateError as error:
+            return error
         return None

@@ -1039,7 +1039,7 @@ class McpGateway:
                 continue
             lapsed = await self._gate.lapsed(caller, self._clock())
             if lapsed is not None:
-                facts.error_code, facts.error = lapsed
+                facts.error_code, facts.error = lapsed.code, lapsed.message
                 response.close()
                 return
             out = b"".join(self._rewritten_event(block, viewer) for block in blocks)

@@ -16,7 +16,9 @@ in the request's trace (`upstream_traceparent`; never the caller's
 `tracestate` or `baggage`). A stream that fails
 midway ends with an SSE error event (`data: {"error": ...}`), and so does one
 whose caller's credential lapses on the way (expired, revoked, task or session
-ended: checked again at most every `RECHECK_SECONDS`, in memory); a caller who leaves a stream ends the upstream
+ended: asked again in memory at once when this process learns of a revocation,
+else every `RECHECK_SECONDS`); an answer whose caller's credential lapsed while
+upstream answered is refused (401) instead; a caller who leaves a stream ends the upstream
 call; an unexpected exception is a 500 in the same error shape, never a
 traceback.
 Fields the gateway does not act on (`tools`, `tool_choice`,
@@ -173,6 +175,7 @@ class Gateway:
         facts = _facts(request)
         try:
             facts.caller = await self._gate.caller(request)
+            facts.standing = self._gate.changes  # what the standing checks knew when the caller was let in
             body = await request.json_object(self._max_body)
             route = self._route(body, kind, facts)
             self._admit(facts.caller, route, body, request, facts)
@@ -189,6 +192,7 @@ class Gateway:
                 await self._relay_stream(request, send, route, endpoint, upstream_body, facts, traceparent)
                 return
             answer = await route.provider.complete(endpoint, upstream_body, traceparent=traceparent)
+            await self._still_valid(facts)
             facts.completion = hashlib.sha256(answer)
             if self._redact is not None:
                 facts.completion_text = self._redact(_answer_text(answer)[:CONTENT_LIMIT])
@@ -295,6 +299,11 @@ class Gateway:
             await chunks.aclose()
             raise
         facts.first_byte_ms = round((time.perf_counter() - facts.started_mono) * 1000, 3)
+        try:
+            await self._still_valid(facts)  # the first byte may have taken minutes
+        except BaseException:
+            await chunks.aclose()
+            raise
         headers = [*_SSE_HEADERS, (b"x-request-id", facts.request_id.encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         facts.status = 200
@@ -337,13 +346,16 @@ class Gateway:
         kept = bytearray() if self._redact is not None else None  # the stream, for `audit.record_content`
         caller = facts.caller
         assert caller is not None, "streams are relayed for a known caller"
-        recheck_at = time.monotonic() + RECHECK_SECONDS
+        gate = self._gate
+        seen, recheck_at = gate.changes, time.monotonic() + RECHECK_SECONDS
         try:
             while True:
                 if chunk:
-                    if time.monotonic() >= recheck_at:
-                        recheck_at = time.monotonic() + RECHECK_SECONDS
-                        lapsed = await self._gate.lapsed(caller, time.time())
+                    # why: an int compare per chunk catches a revocation taken in by this process at once; the
+                    # timed check catches expiry and a view gone stale.
+                    if gate.changes != seen or time.monotonic() >= recheck_at:
+                        seen, recheck_at = gate.changes, time.monotonic() + RECHECK_SECONDS
+                        lapsed = await gate.lapsed(caller, time.time())
                         if lapsed is not None:
                             return await self._end_lapsed(send, lapsed, facts)
                     if kept is not None and len(kept) < _STREAM_KEPT:
@@ -370,14 +382,28 @@ class Gateway:
                 facts.completion_text = self._redact(_streamed_text(bytes(kept))[:CONTENT_LIMIT])
             await chunks.aclose()
 
+    async def _still_valid(self, facts: RequestFacts) -> None:
+        """Before an answer goes out: raise why the caller's credential lapsed while upstream answered, if it did.
+
+        why: cheap when nothing changed (an int compare and the clock): asked in full only if this process took a
+        revocation in since the request came, `RECHECK_SECONDS` have passed, or the credential's `exp` has."""
+        caller = facts.caller
+        assert caller is not None
+        if (
+            self._gate.changes != facts.standing
+            or time.perf_counter() - facts.started_mono >= RECHECK_SECONDS
+            or time.time() >= caller.credential.expires_at
+        ):
+            lapsed = await self._gate.lapsed(caller, time.time())
+            if lapsed is not None:
+                raise lapsed
+
     @staticmethod
-    async def _end_lapsed(send: Send, lapsed: tuple[str, str], facts: RequestFacts) -> bytes:
+    async def _end_lapsed(send: Send, lapsed: IdgateError, facts: RequestFacts) -> bytes:
         """The caller's credential lapsed mid-stream (expired, revoked, its task or session ended): an error event
         ends the stream, nothing more is relayed, and the record says why."""
-        error = IdgateError(lapsed[1])
-        error.code, error.type = lapsed[0], "authentication_error"
-        facts.error_code, facts.error = error.code, error.message
-        await send({"type": "http.response.body", "body": _error_event(error, facts), "more_body": True})
+        facts.error_code, facts.error = lapsed.code, lapsed.message
+        await send({"type": "http.response.body", "body": _error_event(lapsed, facts), "more_body": True})
         return _DONE  # the error event ends the stream
 
     @staticmethod

@@ -94,6 +94,9 @@ class Liveness:
         self._failing = False
         self._pruned_at = 0.0
         # What is dead, each with the time its entry can be forgotten (`until`).
+        # why: counts every change taken into the view, so a stream can tell at the cost of an int compare
+        # whether to ask again (`Gate.changes`)
+        self.generation = 0
         self._tokens: dict[str, float] = {}
         self._tasks: dict[str, float] = {}
         self._sessions: dict[tuple[str, str], float] = {}
@@ -166,6 +169,7 @@ class Liveness:
         self._take(entry)
 
     def _take(self, entry: Revocation) -> None:
+        self.generation += 1
         kind, value, issuer = entry.kind, entry.value, entry.issuer or ""
         if kind == "subject" and issuer in self._casefold:
             value = value.lower()  # an email address: compared without regard to case
@@ -244,6 +248,7 @@ class Liveness:
 
     def task_ended(self, task_id: str, until: float) -> None:
         """A task completed in this process: its tokens are dead here at once (the log entry follows by poll)."""
+        self.generation += 1
         self._tasks[task_id] = max(until, self._tasks.get(task_id, 0.0))
 
     # -- the check ----------------------------------------------------------------------------------
