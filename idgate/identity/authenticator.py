@@ -98,7 +98,7 @@ class Authenticator:
         """`resource_metadata`: the RFC 9728 metadata URL every refusal points clients to."""
         self._by_iss = {i.issuer: i for i in issuers if isinstance(i, OidcIssuer)}
         self._by_domain = {i.trust_domain: i for i in issuers if isinstance(i, SpiffeIssuer)}
-        self._skew = clock_skew
+        self._skew = self.clock_skew = clock_skew  # seconds `exp`, `nbf` and `iat` may be off by
         self._clock = clock
         self._cache: dict[bytes, _Verified] = {}
         self._cache_size = cache_size

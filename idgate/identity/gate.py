@@ -30,7 +30,10 @@ from idgate.identity.authenticator import Authenticator
 from idgate.identity.principal import Caller
 from idgate.proxy.http import Request
 
-__all__ = ["CredentialCheck", "Gate", "StandingCheck"]
+__all__ = ["RECHECK_SECONDS", "CredentialCheck", "Gate", "StandingCheck"]
+
+# What outlives its request asks `Gate.lapsed` again at least this often (at once when `Gate.changes` moves).
+RECHECK_SECONDS = 1.0
 
 
 class CredentialCheck(Protocol):
@@ -110,12 +113,13 @@ class Gate:
             await check.verify(caller)
 
     async def lapsed(self, caller: Caller, now: float) -> IdgateError | None:
-        """Why `caller`'s credential, let in earlier, may no longer be used, or None while it may: its expiry at `now`
-        (epoch seconds; code `credential_expired`), then `recheck` (`credential_revoked` with liveness's reason, or
-        the error that says it cannot be known now: fail closed). For what outlives its request, before it relays
-        more."""
-        if now >= caller.credential.expires_at:
-            expired = InvalidToken("the caller's credential expired while the stream was open")
+        """Why `caller`'s credential, let in earlier, may no longer be used, or None while it may.
+
+        Its expiry at `now` (epoch seconds, with the clock skew its admission allowed; code `credential_expired`),
+        then `recheck` (`credential_revoked` with liveness's reason, or the error that says it cannot be known now:
+        fail closed). For what outlives its request, before it relays more."""
+        if now > caller.credential.expires_at + self.authenticator.clock_skew:  # as the token was let in
+            expired = InvalidToken("the caller's credential expired while the request was under way")
             expired.code = "credential_expired"
             return expired
         try:

@@ -101,18 +101,25 @@ in the log naming the server and the request: a server must not leak, by
 notifying, the names of resources a caller cannot read, nor when they change.
 Other notifications (list changes, messages, progress, cancellation) pass.
 
-**Streams end with the credential.** A caller's credential is checked when its
-request comes; a stream may stay open for hours. So before the events of each
-read from upstream are relayed (GET streams and POST event-stream answers
-alike), the credential is checked again: its `exp` on the gateway's clock, and
-liveness (`Gate.recheck`: revoked, task completed, session ended, subject,
-agent or tenant held; in memory, a dict lookup or a few: the token is not read
-again, no DPoP proof asked for). One that no longer holds ends the stream at
-once: nothing more is relayed, the upstream answer is closed, and the request's
-closing record (the identity record's end; a `tool_call`'s `error`) says why:
-`credential_expired`, `credential_revoked` with liveness's reason, or
-`unavailable` when liveness cannot be known (fail closed). A stream with no
-events is not timed: nothing reaches the caller.
+**Answers end with the credential.** A caller's credential is checked when its
+request comes; an answer may take minutes, a stream stay open for hours. So it
+is checked again (`Gate.lapsed`: its `exp` on the gateway's clock, then
+liveness — revoked, task completed, session ended, subject, agent or tenant
+held — in memory: the token is not read again, no DPoP proof asked for) once
+the upstream's headers came, before a JSON answer goes down (and before each
+of its chunks), before the events of each read from an event stream are
+relayed, and every `RECHECK_SECONDS` on a quiet stream. One that no longer
+holds gets a 401 (`-32001`) instead of the answer, or its stream ends there:
+nothing more relayed, the upstream answer closed, a POST's stream last gets a
+JSON-RPC error for its request; the request's closing record (the identity
+record's end; a `tool_call`'s `error`) says why: `credential_expired`,
+`credential_revoked` with liveness's reason, or `unavailable` when liveness
+cannot be known (fail closed: an outage of the state store longer than
+`liveness.max_staleness_seconds` ends open streams).
+
+A GET stream and a `subscriptions/listen` have no read timeout (quiet until
+something happens), but their headers must come within `timeout.read`, and a
+listen answered in JSON is read whole within it.
 
 **Routing headers** (MCP 2026-07-28: copies of body fields, for proxies and
 load balancers that route without reading the body) are checked once the caller
@@ -151,7 +158,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -168,7 +175,7 @@ from idgate.audit.records import (
 from idgate.audit.writer import AuditWriter
 from idgate.config import SecretRef
 from idgate.errors import AuthenticationError, IdgateError, InvalidToken, PayloadTooLarge, shown
-from idgate.identity.gate import Gate
+from idgate.identity.gate import RECHECK_SECONDS, Gate
 from idgate.identity.principal import Caller
 from idgate.mcp.budgets import BudgetExceeded, Budgets
 from idgate.mcp.pins import PinStore, tool_hash
@@ -628,7 +635,7 @@ class McpGateway:
             return
         details["upstream_status"] = response.status
         try:
-            refused = _upstream_refusal(server, response.status)
+            refused = _upstream_refusal(server, response.status) or await self._lapsed(facts)
             if refused is not None:
                 await self._refuse(send, facts, message, refused, call, details)
                 return
@@ -707,9 +714,11 @@ class McpGateway:
         )
         name = server.config.name
         try:
-            return await self._session.request(
-                method, server.config.url, headers=headers, data=body, timeout=timeout, allow_redirects=False
-            )
+            # why: a stream has no read timeout (it may be quiet for hours), but its headers must come in time
+            async with asyncio.timeout(limits.read if streaming else None):
+                return await self._session.request(
+                    method, server.config.url, headers=headers, data=body, timeout=timeout, allow_redirects=False
+                )
         except TimeoutError:
             message = f"MCP server `{name}` did not answer within {limits.read:g} s"
             raise _Refusal(504, UPSTREAM_FAILED, message, {"code": "upstream_timeout"}) from None
@@ -734,11 +743,25 @@ class McpGateway:
             # A stream that breaks off ends with an error event for the request it answers.
             if message is None or "id" not in message or not _is_sse(response):
                 return b""
-            error = _rpc_error(message.get("id"), UPSTREAM_FAILED, str(facts.error), {"code": "upstream_error"})
+            code = facts.error_code or "upstream_error"
+            rpc = UNAUTHENTICATED if code.startswith("credential_") else UPSTREAM_FAILED
+            error = _rpc_error(message.get("id"), rpc, str(facts.error), {"code": code})
             return b"data: " + error + b"\n\n"
 
         if not _is_sse(response):
-            return await _stream_down(request, send, facts, response, session, response.content.iter_any(), broken)
+            if message is not None and message.get("method") == LISTEN:
+                # why: opened without a read timeout for its stream; an answer in JSON is read whole, in bounds
+                try:
+                    body = await self._read_whole(server, response, LISTEN)
+                except _Refusal as refusal:
+                    facts.error_code = str(refusal.data.get("code") or "upstream_error")
+                    facts.error = refusal.message
+                    body = _rpc_error(message.get("id"), refusal.code, refusal.message, {"code": facts.error_code})
+                answer = self._checked(_once(body), facts)
+                return await _stream_down(request, send, facts, response, session, answer, broken)
+            return await _stream_down(
+                request, send, facts, response, session, self._checked(response.content.iter_any(), facts), broken
+            )
         caller = facts.caller
         assert caller is not None
         viewer = _Viewer(server, caller, facts, self._data_class(caller, None, request))
@@ -773,6 +796,9 @@ class McpGateway:
             return
         try:
             raw = await self._read_whole(server, response, method)
+            lapsed = await self._lapsed(facts)
+            if lapsed is not None:
+                raise lapsed
         except _Refusal as refusal:
             await self._refuse(send, facts, message, refusal, None)
             return
@@ -856,6 +882,13 @@ class McpGateway:
             except orjson.JSONDecodeError:
                 continue
             if not isinstance(parsed, dict):
+                continue
+            if not _is_answer(parsed):
+                # why: the server's notifications on this stream pass as on any stream (a resource update only to a
+                # caller who may read the resource)
+                rewritten = self._rewritten(parsed, viewer)
+                if rewritten is not None:
+                    out.append(event.written(orjson.dumps(rewritten)))
                 continue
             if _is_answer(parsed):
                 # An answer: this request's, filtered; another request's has no business here.
@@ -948,7 +981,7 @@ class McpGateway:
             await self._stopped(send, facts, server, None, error, None)
             return
         try:
-            refused = _upstream_refusal(server, response.status)
+            refused = _upstream_refusal(server, response.status) or await self._lapsed(facts)
             if refused is not None:
                 await self._refuse(send, facts, None, refused, None)
                 return
@@ -977,7 +1010,8 @@ class McpGateway:
         answer is to a request that was no list (every list request goes upstream under a list id). A
         `notifications/resources/updated` passes only if the caller may read its `uri` (`_may_read`); else it is
         dropped (None, and a warning)."""
-        if message.get("method") == RESOURCE_UPDATED:
+        method = message.get("method")
+        if isinstance(method, str) and method.lower() == RESOURCE_UPDATED:  # why: any spelling a client might take
             return message if self._may_read(message, viewer) else None
         if not _is_answer(message):
             return message
@@ -1027,24 +1061,58 @@ class McpGateway:
         facts, caller = viewer.facts, viewer.caller
         limit = self._settings.max_response_bytes
         events = _EventSplitter()
-        async for chunk in response.content.iter_any():
-            blocks = events.feed(chunk)
+        content = response.content
+        while True:
+            try:
+                # why: a quiet stream is asked again too, so a dead credential does not keep its stream (and the
+                # upstream's subscription) open until the next event
+                async with asyncio.timeout(RECHECK_SECONDS):
+                    chunk = await content.readany()
+            except TimeoutError:
+                chunk = None
+            if chunk == b"":
+                return  # the stream ended
+            blocks = events.feed(chunk) if chunk is not None else []
             if events.pending > limit:
                 facts.error_code, facts.error = "upstream_error", f"an event is over {limit} bytes"
                 tail = broken()
                 if tail:
                     yield tail
                 return
-            if not blocks:
+            if not blocks and chunk is not None:
                 continue
             lapsed = await self._gate.lapsed(caller, self._clock())
             if lapsed is not None:
                 facts.error_code, facts.error = lapsed.code, lapsed.message
                 response.close()
+                tail = broken()  # a POST's stream ends with an error for its request, naming why
+                if tail:
+                    yield tail
                 return
             out = b"".join(self._rewritten_event(block, viewer) for block in blocks)
             if out:
                 yield out
+
+    async def _lapsed(self, facts: RequestFacts) -> _Refusal | None:
+        """The refusal for a caller whose credential lapsed (`Gate.lapsed`) while upstream answered; None if it holds.
+        Asked before an answer goes down (and by streams, before each read's events)."""
+        caller = facts.caller
+        assert caller is not None
+        lapsed = await self._gate.lapsed(caller, self._clock())
+        if lapsed is None:
+            return None
+        code = UNAUTHENTICATED if isinstance(lapsed, AuthenticationError) else _code_of(lapsed)
+        return _Refusal(lapsed.status, code, lapsed.message, {"code": lapsed.code})
+
+    async def _checked(self, chunks: AsyncIterable[bytes], facts: RequestFacts) -> AsyncIterator[bytes]:
+        """A JSON answer's bytes as they come, each after the caller's credential is asked again: one that lapsed
+        cuts the answer off there (its status is out already), and `facts` say why."""
+        async for chunk in chunks:
+            refused = await self._lapsed(facts)
+            if refused is not None:
+                facts.error_code, facts.error = str(refused.data["code"]), refused.message
+                return
+            yield chunk
 
     def _rewritten_event(self, block: bytes, viewer: _Viewer) -> bytes:
         """One event of a GET's stream written anew: a message as `_rewritten` makes it; an event with empty
@@ -1112,6 +1180,9 @@ class McpGateway:
         caller = facts.caller
         assert caller is not None
         raw = await self._read_whole(server, response, method)
+        lapsed = await self._lapsed(facts)
+        if lapsed is not None:
+            raise lapsed
         body = b""
         if raw.strip():
             try:
@@ -1704,6 +1775,10 @@ async def _stream_down(
         return False
     finally:
         watcher.cancel()
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
 
 
 async def _cancel_when_gone(receive: Callable[[], Awaitable[Any]], relay: asyncio.Task[Any]) -> None:

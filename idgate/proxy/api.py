@@ -50,7 +50,7 @@ from idgate.audit.writer import AuditWriter
 from idgate.classify.content import texts_of
 from idgate.config import ModelConfig
 from idgate.errors import BadRequest, IdgateError, UnknownModel, UpstreamError, shown
-from idgate.identity.gate import Gate
+from idgate.identity.gate import RECHECK_SECONDS, Gate
 from idgate.identity.principal import Caller
 from idgate.identity.pseudonym import Pseudonyms
 from idgate.policy.decision import Authorizer, Resource
@@ -70,8 +70,6 @@ _SSE_HEADERS = [
 _DONE = b"data: [DONE]"
 CONTENT_LIMIT = 64 * 1024  # characters of prompt or completion kept with `audit.record_content`
 _STREAM_KEPT = 1 << 20  # bytes of a stream read for its text
-# A stream checks its caller's credential again (expiry, liveness: in memory) at most this often, before relaying more.
-RECHECK_SECONDS = 1.0
 
 
 class Route:

@@ -154,24 +154,23 @@ def lister() -> Iterator[Lister]:
     server.stop()
 
 
-MakeListGateway = Callable[[str], Gateway]
+MakeListGateway = Callable[..., Gateway]  # (url, clock_skew_seconds=None)
 
 
 @pytest.fixture
 def make_list_gateway(make_gateway: MakeGateway, issuer: TestIssuer, tmp_path: Path) -> MakeListGateway:
-    def make(url: str) -> Gateway:
+    def make(url: str, clock_skew_seconds: int | None = None) -> Gateway:
         entities = tmp_path / "list-entities.yaml"
         entities.write_bytes(orjson.dumps(ENTITIES))  # JSON is YAML
         server = {"name": "tools", "url": url, "timeout": {"connect": 1, "read": 1.5}}
-        return make_gateway(
-            {
-                "issuers": [
-                    {"name": "corp", "issuer": issuer.issuer, "discovery": True, "refetch_interval_seconds": 0}
-                ],
-                "policy": {"entities": [str(entities)]},
-                "mcp": {"servers": [server]},
-            }
-        )
+        config: dict[str, Any] = {
+            "issuers": [{"name": "corp", "issuer": issuer.issuer, "discovery": True, "refetch_interval_seconds": 0}],
+            "policy": {"entities": [str(entities)]},
+            "mcp": {"servers": [server]},
+        }
+        if clock_skew_seconds is not None:
+            config["server"] = {"clock_skew_seconds": clock_skew_seconds}
+        return make_gateway(config)
 
     return make
 
