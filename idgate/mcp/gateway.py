@@ -78,9 +78,11 @@ event: an answer under such an id is filtered for the caller of the GET as on
 a POST (one that is not a list answer becomes a JSON-RPC error for the
 caller's id, and a record); the server's requests and notifications (but see
 resource updates below), and answers under any other id (requests that were no
-lists), pass; an event whose data is not a JSON object, or cannot be written
-anew (nested deeper than orjson writes; a warning is logged), is dropped (on a
-POST, such a list answer is a 502); an event with empty data (a resumption
+lists), pass; an event's data is read by orjson or, for what it refuses (`NaN`,
+lone surrogates, deep nesting: what other encoders write), Python's `json`, and
+written back by the same; one that is not a JSON object, or cannot be written
+anew (nested past the interpreter's limit; a warning is logged), is dropped (on
+a POST, such a list answer is a 502); an event with empty data (a resumption
 cursor), an `id` or `retry` alone, or a comment passes without content. A
 POST's event-stream answer (a `subscriptions/listen`, a long `tools/call`) is
 written anew alike, and an event over `max_response_bytes` ends either stream
@@ -155,6 +157,7 @@ import base64
 import binascii
 import contextlib
 import functools
+import json
 import logging
 import math
 import time
@@ -1124,12 +1127,12 @@ class McpGateway:
         if not event.data:
             return event.written(b"")
         try:
-            parsed = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
+            parsed, strict = _read_json(event.data)
+        except ValueError:
             return b""
         if not isinstance(parsed, dict):
             return b""
-        written = self._written(parsed, viewer)
+        written = self._written(parsed, viewer, strict)
         return b"" if written is None else event.written(written)
 
     def _may_read(self, notification: dict[str, Any], viewer: _Viewer) -> bool:
@@ -1150,13 +1153,14 @@ class McpGateway:
         )
         return False
 
-    def _written(self, message: dict[str, Any], viewer: _Viewer) -> bytes | None:
-        """A stream's or a GET's or DELETE's message as `_rewritten` makes it, encoded; None if `_rewritten` drops it,
-        or (and a warning) if it cannot be written anew (nested deeper than orjson writes): the stream goes on."""
+    def _written(self, message: dict[str, Any], viewer: _Viewer, strict: bool = True) -> bytes | None:
+        """A stream's or a GET's or DELETE's message as `_rewritten` makes it, encoded (`_write_json`); None if
+        `_rewritten` drops it, or (and a warning) if it cannot be written anew (nested too deeply): the stream goes
+        on."""
         try:
             rewritten = self._rewritten(message, viewer)
-            return None if rewritten is None else orjson.dumps(rewritten)
-        except orjson.JSONEncodeError as exc:
+            return None if rewritten is None else _write_json(rewritten, strict)
+        except (orjson.JSONEncodeError, ValueError, RecursionError) as exc:
             server, request_id = viewer.server.config.name, viewer.facts.request_id
             log.warning(
                 "dropped a message from MCP server %s (request %s) that cannot be written: %s", server, request_id, exc
@@ -1775,6 +1779,32 @@ async def _stream_down(
         return False
     finally:
         watcher.cancel()
+
+
+def _read_json(data: bytes) -> tuple[Any, bool]:
+    """JSON as orjson reads it (True), else as Python's `json` does (False): `NaN`, `Infinity`, lone surrogates and
+    deep nesting, which other servers' encoders write and their clients read; `ValueError` if neither can.
+
+    why: a message the gateway could not read was dropped, and with it, on a POST's stream, the answer the client
+    waits for. It is read, checked and written like any other (`_write_json` with the same flag keeps what it held)."""
+    try:
+        return orjson.loads(data), True
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(data), False
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+
+
+def _write_json(message: Any, strict: bool) -> bytes:
+    """`message` encoded: by orjson if it read it (`_read_json`), else by Python's `json` (keeping `NaN` and the
+    like as they came); what orjson cannot write (deeper than it goes) by `json` too."""
+    if strict:
+        try:
+            return orjson.dumps(message)
+        except orjson.JSONEncodeError:
+            pass
+    return json.dumps(message, separators=(",", ":")).encode()
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:

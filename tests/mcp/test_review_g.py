@@ -27,7 +27,8 @@ list_server, lister, make_list_gateway, list_gateway = (
     listing.make_list_gateway,
     listing.list_gateway,
 )
-DEEP = b"[" * 300 + b"]" * 300  # orjson reads it (up to 1024 levels) but cannot write it (254)
+DEEP = b"[" * 1010 + b"]" * 1010  # orjson reads it (up to 1024 levels); neither it nor Python's `json` writes it
+DEEPISH = b"[" * 300 + b"]" * 300  # orjson reads it but writes 254 levels at most: Python's `json` writes it
 
 
 def open_session(gateway: Gateway, token: str) -> str:
@@ -146,6 +147,20 @@ def test_a_get_event_too_deep_to_write_is_dropped_and_the_stream_goes_on(
     assert got.status_code == 200
     assert got.content == b'data: {"jsonrpc":"2.0","method":"notifications/tools/list_changed"}\n\n'
     assert "cannot be written" in caplog.text
+
+
+def test_a_get_event_deeper_than_orjson_writes_is_written_by_json(
+    make_list_gateway: MakeListGateway, issuer: TestIssuer, lister: Lister
+) -> None:
+    gateway = make_list_gateway(lister.url)
+    lister.stream = b'data: {"jsonrpc":"2.0","method":"notifications/message","params":{"data":' + DEEPISH + b"}}\n\n"
+    headers = {"Authorization": f"Bearer {issuer.mint({'sub': 'alice'})}", "Accept": "text/event-stream"}
+    got = httpx2.get(f"{gateway.url}/mcp/tools", headers=headers, timeout=5)
+    assert got.status_code == 200
+    assert (
+        got.content
+        == b'data: {"jsonrpc":"2.0","method":"notifications/message","params":{"data":' + DEEPISH + b"}}\n\n"
+    )
 
 
 # -- 3. the gateway's own list tag --------------------------------------------------------------

@@ -10,6 +10,8 @@ bytes after its credential lapsed, or a resource's name it may not read.
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +59,9 @@ class Upstream:
             answer = {"jsonrpc": "2.0", "id": message["id"], "result": {"resources": []}}
             body = updated(PAYROLL) + updated(LATEST) + b"event: message\ndata: " + orjson.dumps(answer) + b"\n\n"
             return web.Response(body=body, content_type="text/event-stream")
+        if self.mode == "lenient":  # what Python's `json.dumps` and JavaScript's `JSON.stringify` may write
+            data = b'{"jsonrpc":"2.0","id":%s,"result":{"v":NaN,"text":"cut \\ud83d"}}' % orjson.dumps(message["id"])
+            return web.Response(body=b"event: message\ndata: " + data + b"\n\n", content_type="text/event-stream")
         if self.mode == "slow-json":
             await asyncio.sleep(1.0)
             result = {"content": [{"type": "text", "text": SECRET}]}
@@ -158,3 +163,15 @@ def test_a_listen_answered_in_json_or_not_at_all_is_bounded(
     assert time.monotonic() - started < 4  # the server's read timeout (1.5 s), not forever
     error = answer.json()["error"]
     assert error["data"]["code"] == "upstream_timeout" and answer.json()["id"] == 9
+
+
+def test_an_answer_orjson_cannot_read_still_reaches_the_caller(
+    gateway: Gateway, issuer: TestIssuer, upstream: Upstream
+) -> None:
+    upstream.mode = "lenient"  # NaN and a lone surrogate: orjson refuses both; Python's `json` reads and writes them
+    answer = listen(gateway, issuer.mint({"sub": "alice"}))
+    assert answer.status_code == 200
+    event = answer.content.decode()
+    assert event.startswith("event: message\ndata: ")
+    message = json.loads(event.split("data: ", 1)[1])
+    assert message["id"] == 9 and math.isnan(message["result"]["v"]) and message["result"]["text"] == "cut \ud83d"
