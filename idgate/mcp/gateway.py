@@ -101,7 +101,10 @@ and the request's data class; no decision record per notification). One it may
 not read, or whose `uri` is missing or not a string, is dropped with a warning
 in the log naming the server and the request: a server must not leak, by
 notifying, the names of resources a caller cannot read, nor when they change.
-Other notifications (list changes, messages, progress, cancellation) pass.
+The method is matched in any case. A `notifications/subscriptions/acknowledged`
+names in `params.notifications.resourceSubscriptions` only the URIs the caller
+may read. Other notifications (list changes, messages, progress, cancellation)
+pass.
 
 **Answers end with the credential.** A caller's credential is checked when its
 request comes; an answer may take minutes, a stream stay open for hours. So it
@@ -228,6 +231,8 @@ _READS_URI = frozenset({"resources/read", "resources/subscribe", "resources/unsu
 LISTEN = "subscriptions/listen"
 # A server's word that a resource changed: relayed only to a caller who may read that resource.
 RESOURCE_UPDATED = "notifications/resources/updated"
+# A server's word (2026-07-28) on which resources a listen watches: told only those the caller may read.
+SUBSCRIPTIONS_ACKNOWLEDGED = "notifications/subscriptions/acknowledged"
 _READ = "read"
 # The list methods whose answers are filtered per caller, and the field of the result that holds the entries.
 LISTS = {
@@ -1016,6 +1021,9 @@ class McpGateway:
         method = message.get("method")
         if isinstance(method, str) and method.lower() == RESOURCE_UPDATED:  # why: any spelling a client might take
             return message if self._may_read(message, viewer) else None
+        if isinstance(method, str) and method.lower() == SUBSCRIPTIONS_ACKNOWLEDGED:
+            self._acknowledged_readable(message, viewer)
+            return message
         if not _is_answer(message):
             return message
         listed = _listed_as(message.get("id"))
@@ -1141,10 +1149,8 @@ class McpGateway:
         without a `uri` string may not; one it may not is logged (a warning: server and request id), not recorded."""
         params = notification.get("params")
         uri = params.get("uri") if isinstance(params, dict) else None
-        if isinstance(uri, str) and uri:
-            tool_id = f"{viewer.server.config.name}/{_scoped('resource', uri)}"
-            if self._authorize(viewer.server, viewer.caller, tool_id, _READ, viewer.data_class).allowed:
-                return True
+        if self._readable(uri, viewer):
+            return True
         log.warning(
             "dropped a %s from MCP server %s (request %s): the caller may not read the resource it names",
             RESOURCE_UPDATED,
@@ -1152,6 +1158,23 @@ class McpGateway:
             viewer.facts.request_id,
         )
         return False
+
+    def _readable(self, uri: object, viewer: _Viewer) -> bool:
+        """Whether the caller may read resource `uri` (a non-empty string), decided as a `resources/list` entry is."""
+        if not isinstance(uri, str) or not uri:
+            return False
+        tool_id = f"{viewer.server.config.name}/{_scoped('resource', uri)}"
+        return self._authorize(viewer.server, viewer.caller, tool_id, _READ, viewer.data_class).allowed
+
+    def _acknowledged_readable(self, notification: dict[str, Any], viewer: _Viewer) -> None:
+        """A `notifications/subscriptions/acknowledged` keeps in `params.notifications.resourceSubscriptions` only
+        the URIs the caller may read (the listen was decided on those; a server may name others)."""
+        params = notification.get("params")
+        watched = params.get("notifications") if isinstance(params, dict) else None
+        uris = watched.get("resourceSubscriptions") if isinstance(watched, dict) else None
+        if isinstance(uris, list):
+            assert isinstance(watched, dict)
+            watched["resourceSubscriptions"] = [uri for uri in uris if self._readable(uri, viewer)]
 
     def _written(self, message: dict[str, Any], viewer: _Viewer, strict: bool = True) -> bytes | None:
         """A stream's or a GET's or DELETE's message as `_rewritten` makes it, encoded (`_write_json`); None if

@@ -273,3 +273,21 @@ def test_a_resource_update_reaches_only_a_caller_who_may_read_it(
     pushing.push(updated(LATEST), updated(ARCHIVE), None)
     with opened(gateway, issuer.mint({"sub": "bob"}), how, watched=ARCHIVE) as (_, chunks):
         assert b"".join(chunks) == b"event: message\ndata: " + updated(ARCHIVE) + b"\n\n"
+
+
+@pytest.mark.parametrize("how", ["get", "listen"])
+def test_other_messages_name_only_resources_the_caller_may_read(
+    gateway: Gateway, issuer: TestIssuer, pushing: Pushing, how: str
+) -> None:
+    acknowledged = {
+        "jsonrpc": "2.0",
+        "method": "notifications/subscriptions/acknowledged",
+        "params": {"notifications": {"resourceSubscriptions": [LATEST, PAYROLL, 7]}},
+    }
+    shouted = {"jsonrpc": "2.0", "method": "Notifications/Resources/Updated", "params": {"uri": PAYROLL}}
+    pushing.push(orjson.dumps(acknowledged), orjson.dumps(shouted), None)
+    with opened(gateway, issuer.mint({"sub": "alice"}), how) as (_, chunks):
+        got = b"".join(chunks)
+    assert PAYROLL.encode() not in got  # neither in the acknowledgement nor in another spelling of the update
+    told = orjson.loads(got.split(b"data: ", 1)[1])
+    assert told["params"]["notifications"]["resourceSubscriptions"] == [LATEST]
