@@ -42,11 +42,14 @@ levels and ids beginning `idgate-list:` are refused, 400). For it:
    see below) and a `traceparent` of the gateway's own: the request's trace
    (the caller's, if it sent a valid one), the request's span as the parent
    (`upstream_traceparent`); the caller's `traceparent`, `tracestate`
-   and `baggage` are never relayed as they came. A JSON answer is relayed as it
-   comes; an event-stream answer event by event, each written anew as a GET's
-   stream is (below: its list answers filtered, resource updates checked, the
-   caller's credential checked again before each read's events); list answers
-   are read whole (below). An upstream that is down, slow or refuses
+   and `baggage` are never relayed as they came. A JSON answer is read whole
+   (`max_response_bytes`, within `timeout.read`), the caller's credential asked
+   again, and its one message passes as it came if it is an answer, else is
+   written as a stream's message is (a resource update only to who may read
+   it; refused: a JSON-RPC error for the request); an event-stream answer event
+   by event, each written anew as a GET's stream is (below: its list answers
+   filtered, resource updates checked, the caller's credential checked again
+   before each read's events); list answers are read whole (below). An upstream that is down, slow or refuses
    the gateway's credential is a 502/504 with a JSON-RPC error, never a hang.
 
 **List answers** (`tools/list`, `resources/list`, `resources/templates/list`,
@@ -111,8 +114,8 @@ request comes; an answer may take minutes, a stream stay open for hours. So it
 is checked again (`Gate.lapsed`: its `exp` on the gateway's clock, then
 liveness — revoked, task completed, session ended, subject, agent or tenant
 held — in memory: the token is not read again, no DPoP proof asked for) once
-the upstream's headers came, before a JSON answer goes down (and before each
-of its chunks), before the events of each read from an event stream are
+the upstream's headers came, before a JSON answer (read whole) goes down,
+before the events of each read from an event stream are
 relayed, and every `RECHECK_SECONDS` on a quiet stream. One that no longer
 holds gets a 401 (`-32001`) instead of the answer, or its stream ends there:
 nothing more relayed, the upstream answer closed, a POST's stream last gets a
@@ -164,7 +167,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -756,25 +759,57 @@ class McpGateway:
             error = _rpc_error(message.get("id"), rpc, str(facts.error), {"code": code})
             return b"data: " + error + b"\n\n"
 
-        if not _is_sse(response):
-            if message is not None and message.get("method") == LISTEN:
-                # why: opened without a read timeout for its stream; an answer in JSON is read whole, in bounds
-                try:
-                    body = await self._read_whole(server, response, LISTEN)
-                except _Refusal as refusal:
-                    facts.error_code = str(refusal.data.get("code") or "upstream_error")
-                    facts.error = refusal.message
-                    body = _rpc_error(message.get("id"), refusal.code, refusal.message, {"code": facts.error_code})
-                answer = self._checked(_once(body), facts)
-                return await _stream_down(request, send, facts, response, session, answer, broken)
-            return await _stream_down(
-                request, send, facts, response, session, self._checked(response.content.iter_any(), facts), broken
-            )
         caller = facts.caller
         assert caller is not None
         viewer = _Viewer(server, caller, facts, self._data_class(caller, None, request))
+        if not _is_sse(response):
+            body = await self._json_answer(server, response, message, viewer)
+            return await _stream_down(request, send, facts, response, session, _once(body), broken)
         events = self._relayed_events(response, viewer, broken)
         return await _stream_down(request, send, facts, response, session, events, broken)
+
+    async def _json_answer(
+        self, server: _Server, response: aiohttp.ClientResponse, message: dict[str, Any] | None, viewer: _Viewer
+    ) -> bytes:
+        """A POST's answer that is no event stream, as the caller gets it: read whole (`_read_whole`: in bounds, in
+        time), the caller's credential asked again, and its one message written as a stream's is (`_written`: a
+        resource update only to who may read it). An answer to the request passes as it came; an empty body
+        stays empty; what cannot be read or is refused becomes a JSON-RPC error for the request, named in `facts`.
+
+        why read whole: relayed as it came, a server could send a notification (or anything) as the body, and a
+        client dispatches whatever it reads; and an answer must not go to a caller whose credential lapsed."""
+        facts = viewer.facts
+        rpc_id = message.get("id") if message is not None else None
+        what = str(message.get("method")) if message is not None else "POST"
+        try:
+            raw = await self._read_whole(server, response, what)
+            refused = await self._lapsed(facts)
+            if refused is not None:
+                raise refused
+        except _Refusal as refusal:
+            facts.error_code = str(refusal.data.get("code") or "upstream_error")
+            facts.error = refusal.message
+            return _rpc_error(rpc_id, refusal.code, refusal.message, {"code": facts.error_code})
+        if not raw.strip():
+            return raw
+        try:
+            parsed, strict = _read_json(raw)
+        except ValueError:
+            parsed, strict = None, True
+        if isinstance(parsed, dict) and _is_answer(parsed):
+            return raw  # the answer itself: as it came
+        name = server.config.name
+        if isinstance(parsed, dict):
+            written = self._written(parsed, viewer, strict)
+            if written is not None:
+                return written
+            text = f"MCP server `{name}` answered {what} with a message this caller may not have"
+        elif response.status >= 400:
+            return raw  # an error status's body, not JSON-RPC: the status says it
+        else:
+            text = f"MCP server `{name}` answered {what} with a body that is not JSON-RPC"
+        facts.error_code, facts.error = "upstream_error", text
+        return _rpc_error(rpc_id, UPSTREAM_FAILED, text, {"code": facts.error_code})
 
     async def _relay_filtered(
         self,
@@ -1114,16 +1149,6 @@ class McpGateway:
             return None
         code = UNAUTHENTICATED if isinstance(lapsed, AuthenticationError) else _code_of(lapsed)
         return _Refusal(lapsed.status, code, lapsed.message, {"code": lapsed.code})
-
-    async def _checked(self, chunks: AsyncIterable[bytes], facts: RequestFacts) -> AsyncIterator[bytes]:
-        """A JSON answer's bytes as they come, each after the caller's credential is asked again: one that lapsed
-        cuts the answer off there (its status is out already), and `facts` say why."""
-        async for chunk in chunks:
-            refused = await self._lapsed(facts)
-            if refused is not None:
-                facts.error_code, facts.error = str(refused.data["code"]), refused.message
-                return
-            yield chunk
 
     def _rewritten_event(self, block: bytes, viewer: _Viewer) -> bytes:
         """One event of a GET's stream written anew: a message as `_rewritten` makes it; an event with empty

@@ -62,6 +62,9 @@ class Upstream:
         if self.mode == "lenient":  # what Python's `json.dumps` and JavaScript's `JSON.stringify` may write
             data = b'{"jsonrpc":"2.0","id":%s,"result":{"v":NaN,"text":"cut \\ud83d"}}' % orjson.dumps(message["id"])
             return web.Response(body=b"event: message\ndata: " + data + b"\n\n", content_type="text/event-stream")
+        if self.mode == "json-notification":  # a notification as the whole answer to a POST
+            note = {"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": PAYROLL}}
+            return web.json_response(note)
         if self.mode == "slow-json":
             await asyncio.sleep(1.0)
             result = {"content": [{"type": "text", "text": SECRET}]}
@@ -175,3 +178,14 @@ def test_an_answer_orjson_cannot_read_still_reaches_the_caller(
     assert event.startswith("event: message\ndata: ")
     message = json.loads(event.split("data: ", 1)[1])
     assert message["id"] == 9 and math.isnan(message["result"]["v"]) and message["result"]["text"] == "cut \ud83d"
+
+
+def test_a_json_answer_that_is_a_notification_is_checked_too(
+    gateway: Gateway, issuer: TestIssuer, upstream: Upstream
+) -> None:
+    upstream.mode = "json-notification"
+    answer = post(gateway, issuer.mint({"sub": "alice"}), {"jsonrpc": "2.0", "id": 3, "method": "ping"})
+    assert PAYROLL.encode() not in answer.content
+    error = answer.json()["error"]
+    assert answer.json()["id"] == 3 and error["data"]["code"] == "upstream_error"
+    assert "may not have" in error["message"]
