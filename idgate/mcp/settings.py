@@ -95,8 +95,9 @@ class McpSettings(_Frozen):
     max_response_bytes: int = Field(
         8 * 1024 * 1024,
         gt=0,
-        description="largest list answer (tools, resources, templates, prompts), or one event of an event stream"
-        " (a GET's, or a POST's answer), read to filter it; larger is an error",
+        description="largest answer read whole to check it (a POST's JSON answer, a list answer, a GET's or"
+        " DELETE's JSON answer), or one event of an event stream; larger is an error for the request (raise it"
+        " for tools or resources that answer with more, e.g. large blobs)",
     )
 
     @model_validator(mode="after")
