@@ -80,8 +80,11 @@ stream (resumed or the standalone one) is parsed and written anew event by
 event: an answer under such an id is filtered for the caller of the GET as on
 a POST (one that is not a list answer becomes a JSON-RPC error for the
 caller's id, and a record); the server's requests and notifications (but see
-resource updates below), and answers under any other id (requests that were no
-lists), pass; an event's data is read by orjson or, for what it refuses (`NaN`,
+resource updates below) pass; an answer under any other id is dropped (a client
+takes an answer by its id: under the id of the caller's pending request, a list
+say, it would stand in for that answer, unfiltered), and so, on a POST's stream
+or JSON answer, is any answer but the one to that POST (a JSON answer then
+becomes a JSON-RPC error); an event's data is read by orjson or, for what it refuses (`NaN`,
 lone surrogates, deep nesting: what other encoders write), Python's `json`, and
 written back by the same; one that is not a JSON object, or cannot be written
 anew (nested past the interpreter's limit; a warning is logged), is dropped (on
@@ -232,6 +235,7 @@ CONTROLLED = frozenset(
 _READS_URI = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
 # MCP 2026-07-28 (SEP-2575): subscribing is a listen stream whose filter names the resource URIs it watches.
 LISTEN = "subscriptions/listen"
+_NO_ID = object()  # the id of no request: no answer matches it
 # A server's word that a resource changed: relayed only to a caller who may read that resource.
 RESOURCE_UPDATED = "notifications/resources/updated"
 # A server's word (2026-07-28) on which resources a listen watches: told only those the caller may read.
@@ -765,7 +769,8 @@ class McpGateway:
         if not _is_sse(response):
             body = await self._json_answer(server, response, message, viewer)
             return await _stream_down(request, send, facts, response, session, _once(body), broken)
-        events = self._relayed_events(response, viewer, broken)
+        own = message.get("id", _NO_ID) if message is not None else _NO_ID
+        events = self._relayed_events(response, viewer, broken, own)
         return await _stream_down(request, send, facts, response, session, events, broken)
 
     async def _json_answer(
@@ -790,16 +795,19 @@ class McpGateway:
             facts.error_code = str(refusal.data.get("code") or "upstream_error")
             facts.error = refusal.message
             return _rpc_error(rpc_id, refusal.code, refusal.message, {"code": facts.error_code})
-        if not raw.strip():
-            return raw
+        if not raw.strip() or response.status in (202, 204):
+            return raw  # nothing to answer with (a notification's or a response's acceptance): clients ignore it
         try:
             parsed, strict = _read_json(raw)
         except ValueError:
             parsed, strict = None, True
-        if isinstance(parsed, dict) and _is_answer(parsed):
-            return raw  # the answer itself: as it came
         name = server.config.name
-        if isinstance(parsed, dict):
+        if isinstance(parsed, dict) and _is_answer(parsed):
+            if (rpc_id is not None and _same_id(parsed.get("id"), rpc_id)) or parsed.get("id") is None:
+                return raw  # the answer itself (or an error to a request the server could not read): as it came
+            # why: a client takes an answer by its id; one under another request's id would stand in for it
+            text = f"MCP server `{name}` answered {what} with the answer to another request"
+        elif isinstance(parsed, dict):
             written = self._written(parsed, viewer, strict)
             if written is not None:
                 return written
@@ -888,7 +896,11 @@ class McpGateway:
                 async for chunk in response.content.iter_any():
                     raw += chunk
                     if len(raw) > limit:
-                        raise _Refusal(502, UPSTREAM_FAILED, f"{what} answer is over {limit} bytes", {})
+                        text = (
+                            f"MCP server `{server.config.name}` answered {what} with more than"
+                            f" mcp.max_response_bytes ({limit} bytes)"
+                        )
+                        raise _Refusal(502, UPSTREAM_FAILED, text, {"code": "upstream_error"})
         except TimeoutError:
             text = f"MCP server `{server.config.name}` did not finish its {what} answer within {seconds:g} s"
             raise _Refusal(504, UPSTREAM_FAILED, text, {"code": "upstream_timeout"}) from None
@@ -1044,7 +1056,7 @@ class McpGateway:
         finally:
             response.release()
 
-    def _rewritten(self, message: dict[str, Any], viewer: _Viewer) -> dict[str, Any] | None:
+    def _rewritten(self, message: dict[str, Any], viewer: _Viewer, answers: Any = _NO_ID) -> dict[str, Any] | None:
         """One JSON-RPC message of a GET or DELETE answer, as the caller gets it.
 
         The server's requests and notifications pass. An answer under a list id (`_list_id`) is the
@@ -1063,7 +1075,10 @@ class McpGateway:
             return message
         listed = _listed_as(message.get("id"))
         if listed is None:
-            return message
+            # why: a client takes an answer by its id; one under another request's id (a pending list's, say: the
+            # server knows the caller's ids) would stand in for that request's answer, unfiltered. Only the answer
+            # to the request this stream answers (`answers`; none on a GET's stream) passes.
+            return message if _same_id(message.get("id"), answers) else None
         method, original = listed
         if not _is_list_answer(message, message["id"], LISTS[method]):
             self._audit_quietly(
@@ -1095,7 +1110,7 @@ class McpGateway:
         return await _stream_down(request, send, facts, response, session, events, lambda: b"")
 
     async def _relayed_events(
-        self, response: aiohttp.ClientResponse, viewer: _Viewer, broken: Callable[[], bytes]
+        self, response: aiohttp.ClientResponse, viewer: _Viewer, broken: Callable[[], bytes], answers: Any = _NO_ID
     ) -> AsyncIterator[bytes]:
         """An event stream (a GET's, or a POST's answer) cut into events (`_EventSplitter`), each written anew
         (`_rewritten_event`).
@@ -1112,9 +1127,11 @@ class McpGateway:
             try:
                 # why: a quiet stream is asked again too, so a dead credential does not keep its stream (and the
                 # upstream's subscription) open until the next event
-                async with asyncio.timeout(RECHECK_SECONDS):
+                async with asyncio.timeout(RECHECK_SECONDS) as tick:
                     chunk = await content.readany()
             except TimeoutError:
+                if not tick.expired():
+                    raise  # the upstream's own read timeout (aiohttp raises it again on every read): broken off
                 chunk = None
             if chunk == b"":
                 return  # the stream ended
@@ -1135,7 +1152,7 @@ class McpGateway:
                 if tail:
                     yield tail
                 return
-            out = b"".join(self._rewritten_event(block, viewer) for block in blocks)
+            out = b"".join(self._rewritten_event(block, viewer, answers) for block in blocks)
             if out:
                 yield out
 
@@ -1150,7 +1167,7 @@ class McpGateway:
         code = UNAUTHENTICATED if isinstance(lapsed, AuthenticationError) else _code_of(lapsed)
         return _Refusal(lapsed.status, code, lapsed.message, {"code": lapsed.code})
 
-    def _rewritten_event(self, block: bytes, viewer: _Viewer) -> bytes:
+    def _rewritten_event(self, block: bytes, viewer: _Viewer, answers: Any = _NO_ID) -> bytes:
         """One event of a GET's stream written anew: a message as `_rewritten` makes it; an event with empty
         data (a resumption cursor) or none (only an id, or a keep-alive comment) without content; an event
         whose data is not a JSON object, dropped."""
@@ -1165,7 +1182,7 @@ class McpGateway:
             return b""
         if not isinstance(parsed, dict):
             return b""
-        written = self._written(parsed, viewer, strict)
+        written = self._written(parsed, viewer, strict, answers)
         return b"" if written is None else event.written(written)
 
     def _may_read(self, notification: dict[str, Any], viewer: _Viewer) -> bool:
@@ -1197,16 +1214,18 @@ class McpGateway:
         params = notification.get("params")
         watched = params.get("notifications") if isinstance(params, dict) else None
         uris = watched.get("resourceSubscriptions") if isinstance(watched, dict) else None
-        if isinstance(uris, list):
-            assert isinstance(watched, dict)
-            watched["resourceSubscriptions"] = [uri for uri in uris if self._readable(uri, viewer)]
+        if isinstance(watched, dict) and "resourceSubscriptions" in watched:
+            kept = [uri for uri in uris if self._readable(uri, viewer)] if isinstance(uris, list) else []
+            watched["resourceSubscriptions"] = kept
 
-    def _written(self, message: dict[str, Any], viewer: _Viewer, strict: bool = True) -> bytes | None:
+    def _written(
+        self, message: dict[str, Any], viewer: _Viewer, strict: bool = True, answers: Any = _NO_ID
+    ) -> bytes | None:
         """A stream's or a GET's or DELETE's message as `_rewritten` makes it, encoded (`_write_json`); None if
         `_rewritten` drops it, or (and a warning) if it cannot be written anew (nested too deeply): the stream goes
         on."""
         try:
-            rewritten = self._rewritten(message, viewer)
+            rewritten = self._rewritten(message, viewer, answers)
             return None if rewritten is None else _write_json(rewritten, strict)
         except (orjson.JSONEncodeError, ValueError, RecursionError) as exc:
             server, request_id = viewer.server.config.name, viewer.facts.request_id

@@ -172,8 +172,9 @@ class Gateway:
     async def _call(self, request: Request, send: Send, endpoint: Endpoint, kind: str) -> None:
         facts = _facts(request)
         try:
+            # why: noted before the checks run, so a revocation taken in while they await counts as a change
+            facts.standing = self._gate.changes
             facts.caller = await self._gate.caller(request)
-            facts.standing = self._gate.changes  # what the standing checks knew when the caller was let in
             body = await request.json_object(self._max_body)
             route = self._route(body, kind, facts)
             self._admit(facts.caller, route, body, request, facts)
@@ -199,6 +200,11 @@ class Gateway:
             # if the trail cannot commit it, the caller gets a 503 instead.
             await self._audit.commit(*self._finish(facts, 200))
         except UpstreamRejected as rejected:
+            try:
+                await self._still_valid(facts)  # its body may echo the prompt: not to a caller whose token died
+            except IdgateError as error:
+                await self._refuse(send, facts, error)
+                return
             facts.error_code = "upstream_rejected"
             await self._commit_quietly(self._finish(facts, rejected.status))
             await send_bytes(send, rejected.status, rejected.body, request.id, extra=rejected.headers)
@@ -345,7 +351,8 @@ class Gateway:
         caller = facts.caller
         assert caller is not None, "streams are relayed for a known caller"
         gate = self._gate
-        seen, recheck_at = gate.changes, time.monotonic() + RECHECK_SECONDS
+        # why: from what was known at admission (`_still_valid` moves it on), so nothing taken in since is missed
+        seen, recheck_at = facts.standing, time.monotonic() + RECHECK_SECONDS
         try:
             while True:
                 if chunk:
@@ -392,9 +399,11 @@ class Gateway:
             or time.perf_counter() - facts.started_mono >= RECHECK_SECONDS
             or time.time() >= caller.credential.expires_at
         ):
+            standing = self._gate.changes
             lapsed = await self._gate.lapsed(caller, time.time())
             if lapsed is not None:
                 raise lapsed
+            facts.standing = standing
 
     @staticmethod
     async def _end_lapsed(send: Send, lapsed: IdgateError, facts: RequestFacts) -> bytes:

@@ -65,6 +65,16 @@ class Upstream:
         if self.mode == "json-notification":  # a notification as the whole answer to a POST
             note = {"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": PAYROLL}}
             return web.json_response(note)
+        if self.mode == "other-id-json":  # the answer under another request's id: a pending list's, say
+            listed = {"resources": [{"uri": PAYROLL, "name": "payroll"}]}
+            return web.json_response({"jsonrpc": "2.0", "id": 41, "result": listed})
+        if self.mode == "other-id-sse":
+            listed = {"resources": [{"uri": PAYROLL, "name": "payroll"}]}
+            other = b"data: " + orjson.dumps({"jsonrpc": "2.0", "id": 41, "result": listed}) + b"\n\n"
+            own = b"data: " + orjson.dumps({"jsonrpc": "2.0", "id": message["id"], "result": {}}) + b"\n\n"
+            return web.Response(body=other + own, content_type="text/event-stream")
+        if self.mode == "accepted":  # what Express's `res.sendStatus(202)` sends for a notification
+            return web.Response(status=202, text="Accepted")
         if self.mode == "slow-json":
             await asyncio.sleep(1.0)
             result = {"content": [{"type": "text", "text": SECRET}]}
@@ -74,6 +84,8 @@ class Upstream:
         content_type = "application/json" if self.mode == "trickle" else "text/event-stream"
         response = web.StreamResponse(headers={"Content-Type": content_type})
         await response.prepare(request)
+        if self.mode == "stall":  # one event, then nothing for longer than the gateway's read timeout
+            await response.write(b'data: {"jsonrpc":"2.0","method":"notifications/message","params":{}}\n\n')
         try:
             for _ in range(100):  # 20 s at most, so that a test that fails still ends
                 if self.mode == "trickle":
@@ -189,3 +201,38 @@ def test_a_json_answer_that_is_a_notification_is_checked_too(
     error = answer.json()["error"]
     assert answer.json()["id"] == 3 and error["data"]["code"] == "upstream_error"
     assert "may not have" in error["message"]
+
+
+def test_a_post_stream_quiet_past_the_read_timeout_ends_as_broken_off(
+    gateway: Gateway, issuer: TestIssuer, upstream: Upstream
+) -> None:
+    upstream.mode = "stall"  # a tool that works longer than `timeout.read` (1.5 s) without a word
+    started = time.monotonic()
+    answer = post(gateway, issuer.mint({"sub": "alice"}), {"jsonrpc": "2.0", "id": 7, "method": "ping"})
+    assert time.monotonic() - started < 4  # not spinning until the client gives up
+    last = orjson.loads(answer.content.rstrip().rsplit(b"data: ", 1)[1])
+    assert last["id"] == 7 and last["error"]["data"]["code"] == "upstream_error"
+    assert "broke off" in last["error"]["message"]
+
+
+@pytest.mark.parametrize("mode", ["other-id-json", "other-id-sse"])
+def test_an_answer_under_another_requests_id_is_not_relayed(
+    gateway: Gateway, issuer: TestIssuer, upstream: Upstream, mode: str
+) -> None:
+    upstream.mode = mode
+    answer = post(gateway, issuer.mint({"sub": "alice"}), {"jsonrpc": "2.0", "id": 3, "method": "ping"})
+    assert PAYROLL.encode() not in answer.content and b'"id":41' not in answer.content
+    if mode == "other-id-json":
+        error = answer.json()["error"]
+        assert answer.json()["id"] == 3 and "another request" in error["message"]
+    else:  # its own answer still comes
+        assert orjson.loads(answer.content.split(b"data: ", 1)[1]) == {"jsonrpc": "2.0", "id": 3, "result": {}}
+
+
+def test_an_acceptance_of_a_notification_passes_as_it_came(
+    gateway: Gateway, issuer: TestIssuer, upstream: Upstream
+) -> None:
+    upstream.mode = "accepted"
+    answer = post(gateway, issuer.mint({"sub": "alice"}), {"jsonrpc": "2.0", "method": "notifications/initialized"})
+    assert answer.status_code == 202 and answer.content == b"Accepted"
+    assert gateway.record(answer.headers["x-request-id"])["outcome"] == "ok"
