@@ -1858,9 +1858,18 @@ def _read_json(data: bytes) -> tuple[Any, bool]:
         return orjson.loads(data), True
     except orjson.JSONDecodeError:
         try:
-            return json.loads(data), False
+            return json.loads(data, parse_float=_finite), False
         except RecursionError:
             raise ValueError("nested too deeply") from None
+
+
+def _finite(literal: str) -> float:
+    """A JSON number as a float; `ValueError` for one too large for a float (`1e400`), which would be written
+    back as `Infinity`, which no JSON parser reads (a `NaN` or `Infinity` spelled so passes as it came)."""
+    number = float(literal)
+    if not math.isfinite(number):
+        raise ValueError(f"number {literal[:20]} is out of range")
+    return number
 
 
 def _write_json(message: Any, strict: bool) -> bytes:

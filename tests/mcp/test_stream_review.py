@@ -236,3 +236,22 @@ def test_an_acceptance_of_a_notification_passes_as_it_came(
     answer = post(gateway, issuer.mint({"sub": "alice"}), {"jsonrpc": "2.0", "method": "notifications/initialized"})
     assert answer.status_code == 202 and answer.content == b"Accepted"
     assert gateway.record(answer.headers["x-request-id"])["outcome"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("data", "written"),
+    [
+        (b'{"a":NaN}', b'{"a":NaN}'),  # as Python's json writes it: read and written back as it came
+        (b'{"a":"cut \\ud83d"}', b'{"a":"cut \\ud83d"}'),  # a lone surrogate, as JavaScript escapes it
+        (b'{"a":1e400}', None),  # read as inf it would be written `Infinity`, which no JSON parser reads: refused
+    ],
+)
+def test_what_orjson_refuses_is_read_and_written_back_as_it_came_or_refused(data: bytes, written: bytes | None) -> None:
+    from idgate.mcp.gateway import _read_json, _write_json
+
+    if written is None:
+        with pytest.raises(ValueError):
+            _read_json(data)
+        return
+    message, strict = _read_json(data)
+    assert not strict and _write_json(message, strict) == written
