@@ -22,7 +22,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from idgate.mcp.gateway import LISTEN
+from idgate.mcp.gateway import LISTEN, _read_json, _write_json
 from tests.mcp import test_list_filtering as listing
 from tests.mcp.test_list_filtering import LATEST, PAYROLL, MakeListGateway, post
 from tests.mcp.test_stream_credentials import opened, revoke
@@ -247,8 +247,6 @@ def test_an_acceptance_of_a_notification_passes_as_it_came(
     ],
 )
 def test_what_orjson_refuses_is_read_and_written_back_as_it_came_or_refused(data: bytes, written: bytes | None) -> None:
-    from idgate.mcp.gateway import _read_json, _write_json
-
     if written is None:
         with pytest.raises(ValueError):
             _read_json(data)
