@@ -650,9 +650,14 @@ class McpGateway:
             return
         details["upstream_status"] = response.status
         try:
-            refused = _upstream_refusal(server, response.status) or await self._lapsed(facts)
+            refused = _upstream_refusal(server, response.status)
             if refused is not None:
                 await self._refuse(send, facts, message, refused, call, details)
+                return
+            lapsed = await self._gate.lapsed(caller, self._clock())  # the headers may have taken long
+            if lapsed is not None:
+                await self._lapsed_answer(server, send, facts, message, lapsed)
+                self._record_end(facts, call, details, "refused")
                 return
             down_session = self._client_session(server, response, caller)
             if listing is not None:
@@ -767,17 +772,37 @@ class McpGateway:
         assert caller is not None
         viewer = _Viewer(server, caller, facts, self._data_class(caller, None, request))
         if not _is_sse(response):
-            body = await self._json_answer(server, response, message, viewer)
+            try:
+                body = await self._json_answer(server, response, message, viewer)
+            except IdgateError as lapsed:
+                await self._lapsed_answer(server, send, facts, message, lapsed)
+                return True
             return await _stream_down(request, send, facts, response, session, _once(body), broken)
         own = message.get("id", _NO_ID) if message is not None else _NO_ID
         events = self._relayed_events(response, viewer, broken, own)
         return await _stream_down(request, send, facts, response, session, events, broken)
 
+    async def _lapsed_answer(
+        self, server: _Server, send: Send, facts: RequestFacts, message: dict[str, Any] | None, lapsed: IdgateError
+    ) -> None:
+        """Instead of an answer that came after the caller's credential lapsed: a 401 (with this server's
+        `WWW-Authenticate`), or the 503 of a liveness that cannot be known; the request's closing record says why."""
+        facts.status, facts.error_code, facts.error = lapsed.status, lapsed.code, lapsed.message
+        rpc_id = message.get("id") if message is not None else None
+        extra: list[tuple[bytes, bytes]] = []
+        if isinstance(lapsed, AuthenticationError):
+            lapsed.resource_metadata = server.metadata_url
+            extra.append((b"www-authenticate", _challenge(lapsed)))
+        code = UNAUTHENTICATED if isinstance(lapsed, AuthenticationError) else _code_of(lapsed)
+        body = _rpc_error(rpc_id, code, lapsed.message, {"code": lapsed.code, "request_id": facts.request_id})
+        await send_bytes(send, lapsed.status, body, facts.request_id, extra=extra)
+
     async def _json_answer(
         self, server: _Server, response: aiohttp.ClientResponse, message: dict[str, Any] | None, viewer: _Viewer
     ) -> bytes:
         """A POST's answer that is no event stream, as the caller gets it: read whole (`_read_whole`: in bounds, in
-        time), the caller's credential asked again, and its one message written as a stream's is (`_written`: a
+        time), the caller's credential asked again (why it lapsed is raised: `_lapsed_answer`), and its one message
+        written as a stream's is (`_written`: a
         resource update only to who may read it). An answer to the request passes as it came; an empty body
         stays empty; what cannot be read or is refused becomes a JSON-RPC error for the request, named in `facts`.
 
@@ -788,13 +813,14 @@ class McpGateway:
         what = str(message.get("method")) if message is not None else "POST"
         try:
             raw = await self._read_whole(server, response, what)
-            refused = await self._lapsed(facts)
-            if refused is not None:
-                raise refused
         except _Refusal as refusal:
             facts.error_code = str(refusal.data.get("code") or "upstream_error")
             facts.error = refusal.message
             return _rpc_error(rpc_id, refusal.code, refusal.message, {"code": facts.error_code})
+        assert viewer.caller is facts.caller
+        lapsed = await self._gate.lapsed(viewer.caller, self._clock())
+        if lapsed is not None:
+            raise lapsed  # why: the answer came; the caller's credential went meanwhile
         if not raw.strip() or response.status in (202, 204):
             return raw  # nothing to answer with (a notification's or a response's acceptance): clients ignore it
         try:
@@ -1036,9 +1062,14 @@ class McpGateway:
             await self._stopped(send, facts, server, None, error, None)
             return
         try:
-            refused = _upstream_refusal(server, response.status) or await self._lapsed(facts)
+            refused = _upstream_refusal(server, response.status)
             if refused is not None:
                 await self._refuse(send, facts, None, refused, None)
+                return
+            lapsed = await self._gate.lapsed(caller, self._clock())
+            if lapsed is not None:
+                await self._lapsed_answer(server, send, facts, None, lapsed)
+                self._audit_quietly(identity_record(facts, ended=True))
                 return
             down_session = self._client_session(server, response, caller)
             if _is_sse(response):

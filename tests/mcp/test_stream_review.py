@@ -75,6 +75,13 @@ class Upstream:
             return web.Response(body=other + own, content_type="text/event-stream")
         if self.mode == "accepted":  # what Express's `res.sendStatus(202)` sends for a notification
             return web.Response(status=202, text="Accepted")
+        if self.mode == "late-body":  # headers at once, the answer a second later
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            await asyncio.sleep(1.0)
+            result = {"content": [{"type": "text", "text": SECRET}]}
+            await response.write(orjson.dumps({"jsonrpc": "2.0", "id": message.get("id"), "result": result}))
+            return response
         if self.mode == "slow-json":
             await asyncio.sleep(1.0)
             result = {"content": [{"type": "text", "text": SECRET}]}
@@ -122,10 +129,11 @@ def test_a_list_answer_as_an_event_stream_carries_no_update_the_caller_may_not_r
     assert b'"result"' in listed.content
 
 
+@pytest.mark.parametrize("mode", ["slow-json", "late-body"])  # the revocation before the headers, or after
 def test_an_answer_that_comes_after_the_revocation_is_not_given(
-    gateway: Gateway, issuer: TestIssuer, upstream: Upstream
+    gateway: Gateway, issuer: TestIssuer, upstream: Upstream, mode: str
 ) -> None:
-    upstream.mode = "slow-json"
+    upstream.mode = mode
     alice = issuer.mint({"sub": "alice"})
     call = {"jsonrpc": "2.0", "id": 5, "method": "ping"}
     with ThreadPoolExecutor(1) as pool:
@@ -137,6 +145,7 @@ def test_an_answer_that_comes_after_the_revocation_is_not_given(
     assert answer.status_code == 401
     error = answer.json()["error"]
     assert error["code"] == -32001 and error["data"]["code"] == "credential_revoked" and answer.json()["id"] == 5
+    assert answer.headers["www-authenticate"].startswith("Bearer")
 
 
 @pytest.mark.parametrize("how", ["get", "listen"])
