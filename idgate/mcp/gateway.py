@@ -873,14 +873,16 @@ class McpGateway:
             return
         try:
             raw = await self._read_whole(server, response, method)
-            lapsed = await self._lapsed(facts)
-            if lapsed is not None:
-                raise lapsed
         except _Refusal as refusal:
             await self._refuse(send, facts, message, refusal, None)
             return
         caller = facts.caller
         assert caller is not None
+        lapsed = await self._gate.lapsed(caller, self._clock())  # the answer came; did the caller's credential go?
+        if lapsed is not None:
+            await self._lapsed_answer(server, send, facts, message, lapsed)
+            self._audit_quietly(identity_record(facts, ended=True))
+            return
         original = message.get("id")
         # why: the answer names the id the request went upstream with (`_list_id`); the caller gets back its own.
         expected = _list_id(method, original) if "id" in message else None
@@ -1083,6 +1085,8 @@ class McpGateway:
                 except _Refusal as refusal:
                     await self._refuse(send, facts, None, refusal, None)
                     return
+                except IdgateError as gone:  # the caller's credential went while the answer came
+                    await self._lapsed_answer(server, send, facts, None, gone)
             self._audit_quietly(identity_record(facts, ended=True))
         finally:
             response.release()
@@ -1187,17 +1191,6 @@ class McpGateway:
             if out:
                 yield out
 
-    async def _lapsed(self, facts: RequestFacts) -> _Refusal | None:
-        """The refusal for a caller whose credential lapsed (`Gate.lapsed`) while upstream answered; None if it holds.
-        Asked before an answer goes down (and by streams, before each read's events)."""
-        caller = facts.caller
-        assert caller is not None
-        lapsed = await self._gate.lapsed(caller, self._clock())
-        if lapsed is None:
-            return None
-        code = UNAUTHENTICATED if isinstance(lapsed, AuthenticationError) else _code_of(lapsed)
-        return _Refusal(lapsed.status, code, lapsed.message, {"code": lapsed.code})
-
     def _rewritten_event(self, block: bytes, viewer: _Viewer, answers: Any = _NO_ID) -> bytes:
         """One event of a GET's stream written anew: a message as `_rewritten` makes it; an event with empty
         data (a resumption cursor) or none (only an id, or a keep-alive comment) without content; an event
@@ -1282,9 +1275,9 @@ class McpGateway:
         caller = facts.caller
         assert caller is not None
         raw = await self._read_whole(server, response, method)
-        lapsed = await self._lapsed(facts)
+        lapsed = await self._gate.lapsed(caller, self._clock())
         if lapsed is not None:
-            raise lapsed
+            raise lapsed  # `_passthrough` answers it (`_lapsed_answer`)
         body = b""
         if raw.strip():
             try:

@@ -129,13 +129,14 @@ def test_a_list_answer_as_an_event_stream_carries_no_update_the_caller_may_not_r
     assert b'"result"' in listed.content
 
 
+@pytest.mark.parametrize("method", ["ping", "resources/list"])  # an answer relayed, or read whole to filter it
 @pytest.mark.parametrize("mode", ["slow-json", "late-body"])  # the revocation before the headers, or after
 def test_an_answer_that_comes_after_the_revocation_is_not_given(
-    gateway: Gateway, issuer: TestIssuer, upstream: Upstream, mode: str
+    gateway: Gateway, issuer: TestIssuer, upstream: Upstream, mode: str, method: str
 ) -> None:
     upstream.mode = mode
     alice = issuer.mint({"sub": "alice"})
-    call = {"jsonrpc": "2.0", "id": 5, "method": "ping"}
+    call = {"jsonrpc": "2.0", "id": 5, "method": method}
     with ThreadPoolExecutor(1) as pool:
         asked = pool.submit(post, gateway, alice, call)
         time.sleep(0.3)
