@@ -217,6 +217,7 @@ class RequestFacts:
     forwarded: bool = False  # the identity and decision records are committed; the call went upstream
     admitted: Any = None  # what admission decided (idgate.proxy.admission.Admitted)
     standing: int = 0  # `Gate.changes` when the caller was let in: a stream asks again once it moved
+    recheck_at: float = 0.0  # `perf_counter` time when the caller's credential is next asked again in full
 
     def __post_init__(self) -> None:
         if not self.trace_id:

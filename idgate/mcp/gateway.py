@@ -656,7 +656,7 @@ class McpGateway:
                 return
             lapsed = await self._gate.lapsed(caller, self._clock())  # the headers may have taken long
             if lapsed is not None:
-                await self._lapsed_answer(server, send, facts, message, lapsed)
+                await self._unauthenticated(send, facts, server, message, lapsed, record=False)
                 self._record_end(facts, call, details, "refused")
                 return
             down_session = self._client_session(server, response, caller)
@@ -774,37 +774,22 @@ class McpGateway:
         if not _is_sse(response):
             try:
                 body = await self._json_answer(server, response, message, viewer)
-            except IdgateError as lapsed:
-                await self._lapsed_answer(server, send, facts, message, lapsed)
+            except IdgateError as lapsed:  # `_forward` records the end
+                await self._unauthenticated(send, facts, server, message, lapsed, record=False)
                 return True
             return await _stream_down(request, send, facts, response, session, _once(body), broken)
         own = message.get("id", _NO_ID) if message is not None else _NO_ID
         events = self._relayed_events(response, viewer, broken, own)
         return await _stream_down(request, send, facts, response, session, events, broken)
 
-    async def _lapsed_answer(
-        self, server: _Server, send: Send, facts: RequestFacts, message: dict[str, Any] | None, lapsed: IdgateError
-    ) -> None:
-        """Instead of an answer that came after the caller's credential lapsed: a 401 (with this server's
-        `WWW-Authenticate`), or the 503 of a liveness that cannot be known; the request's closing record says why."""
-        facts.status, facts.error_code, facts.error = lapsed.status, lapsed.code, lapsed.message
-        rpc_id = message.get("id") if message is not None else None
-        extra: list[tuple[bytes, bytes]] = []
-        if isinstance(lapsed, AuthenticationError):
-            lapsed.resource_metadata = server.metadata_url
-            extra.append((b"www-authenticate", _challenge(lapsed)))
-        code = UNAUTHENTICATED if isinstance(lapsed, AuthenticationError) else _code_of(lapsed)
-        body = _rpc_error(rpc_id, code, lapsed.message, {"code": lapsed.code, "request_id": facts.request_id})
-        await send_bytes(send, lapsed.status, body, facts.request_id, extra=extra)
-
     async def _json_answer(
         self, server: _Server, response: aiohttp.ClientResponse, message: dict[str, Any] | None, viewer: _Viewer
     ) -> bytes:
         """A POST's answer that is no event stream, as the caller gets it: read whole (`_read_whole`: in bounds, in
-        time), the caller's credential asked again (why it lapsed is raised: `_lapsed_answer`), and its one message
-        written as a stream's is (`_written`: a
-        resource update only to who may read it). An answer to the request passes as it came; an empty body
-        stays empty; what cannot be read or is refused becomes a JSON-RPC error for the request, named in `facts`.
+        time), the caller's credential asked again (why it lapsed is raised, for `_unauthenticated`), and its one
+        message written as a stream's is (`_written`: a resource update only to who may read it). An answer to the
+        request passes as it came; an empty body stays empty; what cannot be read or is refused becomes a JSON-RPC
+        error for the request, named in `facts`.
 
         why read whole: relayed as it came, a server could send a notification (or anything) as the body, and a
         client dispatches whatever it reads; and an answer must not go to a caller whose credential lapsed."""
@@ -880,8 +865,7 @@ class McpGateway:
         assert caller is not None
         lapsed = await self._gate.lapsed(caller, self._clock())  # the answer came; did the caller's credential go?
         if lapsed is not None:
-            await self._lapsed_answer(server, send, facts, message, lapsed)
-            self._audit_quietly(identity_record(facts, ended=True))
+            await self._unauthenticated(send, facts, server, message, lapsed)
             return
         original = message.get("id")
         # why: the answer names the id the request went upstream with (`_list_id`); the caller gets back its own.
@@ -1070,8 +1054,7 @@ class McpGateway:
                 return
             lapsed = await self._gate.lapsed(caller, self._clock())
             if lapsed is not None:
-                await self._lapsed_answer(server, send, facts, None, lapsed)
-                self._audit_quietly(identity_record(facts, ended=True))
+                await self._unauthenticated(send, facts, server, None, lapsed)
                 return
             down_session = self._client_session(server, response, caller)
             if _is_sse(response):
@@ -1086,7 +1069,7 @@ class McpGateway:
                     await self._refuse(send, facts, None, refusal, None)
                     return
                 except IdgateError as gone:  # the caller's credential went while the answer came
-                    await self._lapsed_answer(server, send, facts, None, gone)
+                    await self._unauthenticated(send, facts, server, None, gone, record=False)
             self._audit_quietly(identity_record(facts, ended=True))
         finally:
             response.release()
@@ -1277,7 +1260,7 @@ class McpGateway:
         raw = await self._read_whole(server, response, method)
         lapsed = await self._gate.lapsed(caller, self._clock())
         if lapsed is not None:
-            raise lapsed  # `_passthrough` answers it (`_lapsed_answer`)
+            raise lapsed  # `_passthrough` answers it (`_unauthenticated`)
         body = b""
         if raw.strip():
             try:
@@ -1394,15 +1377,25 @@ class McpGateway:
         facts: RequestFacts,
         server: _Server,
         message: dict[str, Any] | None,
-        error: AuthenticationError,
+        error: IdgateError,
+        *,
+        record: bool = True,
     ) -> None:
-        # Point MCP clients to this server's own metadata, whatever the gate named.
-        error.resource_metadata = server.metadata_url
+        """A caller refused for who it is, when it came or since (its credential lapsed while the answer came): a
+        401 with this server's `WWW-Authenticate`, or the 503 of a liveness that cannot be known. On record as the
+        request's end, unless `record` is False (the caller records the end itself)."""
         facts.status, facts.error_code, facts.error = error.status, error.code, error.message
-        self._audit_quietly(identity_record(facts, ended=True))
+        if record:
+            self._audit_quietly(identity_record(facts, ended=True))
         rpc_id = message.get("id") if message is not None else None
-        body = _rpc_error(rpc_id, UNAUTHENTICATED, error.message, {"code": error.code, "request_id": facts.request_id})
-        await send_bytes(send, error.status, body, facts.request_id, extra=[(b"www-authenticate", _challenge(error))])
+        extra: list[tuple[bytes, bytes]] = []
+        if isinstance(error, AuthenticationError):
+            # Point MCP clients to this server's own metadata, whatever the gate named.
+            error.resource_metadata = server.metadata_url
+            extra.append((b"www-authenticate", _challenge(error)))
+        code = UNAUTHENTICATED if isinstance(error, AuthenticationError) else _code_of(error)
+        body = _rpc_error(rpc_id, code, error.message, {"code": error.code, "request_id": facts.request_id})
+        await send_bytes(send, error.status, body, facts.request_id, extra=extra)
 
     def _audit_quietly(self, record: dict[str, Any]) -> None:
         with contextlib.suppress(IdgateError):

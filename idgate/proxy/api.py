@@ -173,7 +173,7 @@ class Gateway:
         facts = _facts(request)
         try:
             # why: noted before the checks run, so a revocation taken in while they await counts as a change
-            facts.standing = self._gate.changes
+            facts.standing, facts.recheck_at = self._gate.changes, time.perf_counter() + RECHECK_SECONDS
             facts.caller = await self._gate.caller(request)
             body = await request.json_object(self._max_body)
             route = self._route(body, kind, facts)
@@ -348,20 +348,13 @@ class Gateway:
         calls = _ToolCallScan()
         digest = facts.completion = hashlib.sha256()
         kept = bytearray() if self._redact is not None else None  # the stream, for `audit.record_content`
-        caller = facts.caller
-        assert caller is not None, "streams are relayed for a known caller"
-        gate = self._gate
-        # why: from what was known at admission (`_still_valid` moves it on), so nothing taken in since is missed
-        seen, recheck_at = facts.standing, time.monotonic() + RECHECK_SECONDS
         try:
             while True:
                 if chunk:
-                    # why: an int compare per chunk catches a revocation taken in by this process at once; the
-                    # timed check catches expiry and a view gone stale.
-                    if gate.changes != seen or time.monotonic() >= recheck_at:
-                        seen, recheck_at = gate.changes, time.monotonic() + RECHECK_SECONDS
-                        lapsed = await gate.lapsed(caller, time.time())
-                        if lapsed is not None:
+                    if self._recheck_due(facts):
+                        try:
+                            await self._still_valid(facts)
+                        except IdgateError as lapsed:
                             return await self._end_lapsed(send, lapsed, facts)
                     if kept is not None and len(kept) < _STREAM_KEPT:
                         kept += chunk
@@ -387,23 +380,23 @@ class Gateway:
                 facts.completion_text = self._redact(_streamed_text(bytes(kept))[:CONTENT_LIMIT])
             await chunks.aclose()
 
-    async def _still_valid(self, facts: RequestFacts) -> None:
-        """Before an answer goes out: raise why the caller's credential lapsed while upstream answered, if it did.
+    def _recheck_due(self, facts: RequestFacts) -> bool:
+        """Whether the caller's credential must be asked again: this process took a revocation in since it last was
+        (an int compare: at once), or `RECHECK_SECONDS` have passed (expiry, a view gone stale, other replicas)."""
+        return self._gate.changes != facts.standing or time.perf_counter() >= facts.recheck_at
 
-        why: cheap when nothing changed (an int compare and the clock): asked in full only if this process took a
-        revocation in since the request came, `RECHECK_SECONDS` have passed, or the credential's `exp` has."""
+    async def _still_valid(self, facts: RequestFacts) -> None:
+        """Before an answer (or a stream's next chunk) goes out: raise why the caller's credential lapsed since it
+        was let in, if it did; asked in full only when `_recheck_due`."""
         caller = facts.caller
         assert caller is not None
-        if (
-            self._gate.changes != facts.standing
-            or time.perf_counter() - facts.started_mono >= RECHECK_SECONDS
-            or time.time() >= caller.credential.expires_at
-        ):
-            standing = self._gate.changes
-            lapsed = await self._gate.lapsed(caller, time.time())
-            if lapsed is not None:
-                raise lapsed
-            facts.standing = standing
+        if not self._recheck_due(facts):
+            return
+        standing = self._gate.changes
+        lapsed = await self._gate.lapsed(caller, time.time())
+        if lapsed is not None:
+            raise lapsed
+        facts.standing, facts.recheck_at = standing, time.perf_counter() + RECHECK_SECONDS
 
     @staticmethod
     async def _end_lapsed(send: Send, lapsed: IdgateError, facts: RequestFacts) -> bytes:
